@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     python -c "import torch, trl, transformers, sa2va_trl" || { echo "setup: install failed" >&2; exit 1; }
     touch "$stamp"
 fi
-if [ "$(id -u)" = 0 ] && [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index) >/dev/null 2>&1 \
+if [ "$(id -u)" = 0 ] && { [ ! -f /usr/share/wordnet/data.noun ] || [ ! -f /usr/share/wordnet/index.sense ]; } && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base wordnet-sense-index) >/dev/null 2>&1 \
         || echo "setup: could not install Debian's wordnet-base (METEOR will need NLTK data)" >&2
 fi
