@@ -525,3 +525,22 @@ def test_top_k_samples_inside_the_top_k_and_logprobs_stay_untruncated(policy):
     chosen = step_logits.gather(-1, rollout.completion_ids.unsqueeze(-1))
     rank = (step_logits > chosen).sum(dim=-1)  # how many tokens beat the sampled one
     assert (rank[rollout.completion_mask.bool()] < 3).all()
+
+
+def test_captionable_flags_masks_caption_prompts_would_reject():
+    from sa2va_trl.models.tiny import build_tiny_model
+    from sa2va_trl.models.adapter import Sa2VAPolicy
+
+    model, tokenizer = build_tiny_model(seed=0)
+    policy = Sa2VAPolicy(model, tokenizer)
+    image = np.zeros((128, 128, 3), dtype=np.uint8)
+    good = np.zeros((128, 128), dtype=bool)
+    good[32:96, 32:96] = True
+    empty = np.zeros((128, 128), dtype=bool)
+    speck = np.zeros((128, 128), dtype=bool)
+    speck[1, 1] = True  # misses every nearest-neighbour sample of the 8 x 8 grid
+    wrong_size = np.ones((64, 64), dtype=bool)
+    assert policy.captionable([image] * 4, [good, empty, speck, wrong_size]) == [True, False, False, False]
+    policy.caption_prompts([image], [good])  # the accepted one really is accepted
+    with pytest.raises(ValueError, match="region_mask"):
+        policy.caption_prompts([image], [speck])

@@ -504,6 +504,31 @@ class Sa2VAPolicy:
             entries.append((rgb, grid, user, TASK_CAPTION, CAPTION_QUESTION, row))
         return self._collate(entries)
 
+    def captionable(self, images, region_masks) -> list[bool]:
+        """Which masks `caption_prompts` accepts: non-empty, image-sized, and covering at least
+        `config.min_region_cells` cells of the token grid. Loop 2's cycle reward asks this first,
+        so a tiny predicted mask scores as uncaptionable instead of stopping the run.
+
+        Args:
+            images: PIL images or arrays, one per mask.
+            region_masks: masks in any form `to_bool_mask` reads.
+
+        Returns:
+            One bool per mask.
+        """
+        config = self.core.config
+        verdicts = []
+        for position, (image, mask) in enumerate(zip(images, region_masks)):
+            try:
+                array = to_bool_mask(mask, position, "region_mask")
+            except Sa2VAInputError:
+                verdicts.append(False)
+                continue
+            height, width = (image.height, image.width) if hasattr(image, "height") else np.asarray(image).shape[:2]
+            cells = int(mask_to_token_grid(array, config.token_grid_size).sum()) if array.shape == (height, width) else 0
+            verdicts.append(cells >= max(1, config.min_region_cells))
+        return verdicts
+
     def segmentation_prompts(self, images, texts, row_indices=None) -> PromptBatch:
         """Referring-segmentation prompts: `<image>` expanded, then "Please segment {text} in
         this image.".

@@ -160,39 +160,28 @@ def to_bool_mask(mask, row: int = 0, field: str = "region_mask") -> np.ndarray:
     """Any supported mask as an H x W numpy bool array.
 
     Args:
-        mask: bool / 0-1 numpy array or tensor, nested lists, or a COCO RLE dict
-            {"size": [H, W], "counts": str | list}.
+        mask: anything `sa2va_trl.rewards.masks.as_mask` reads (bool / 0-1 array or tensor,
+            nested lists, PIL image, COCO RLE dict); a leading singleton axis is dropped.
         row, field: used in the error message.
 
     Returns:
-        H x W bool array (nonzero = True).
+        H x W bool array.
 
     Raises:
-        Sa2VAInputError: None, an undecodable RLE, or not two-dimensional.
+        Sa2VAInputError: None, an undecodable RLE, non-binary values, or not two-dimensional.
     """
-    if mask is None:
-        raise Sa2VAInputError(row, field, "a mask is required, got None")
-    if isinstance(mask, dict):
-        try:
-            from pycocotools import mask as mask_utils
+    # One converter for the whole package (rewards.masks.as_mask); only the error type differs here.
+    from ..rewards.masks import as_mask
+    from ..rewards.errors import MaskFormatError
 
-            rle = dict(mask)
-            if isinstance(rle.get("counts"), list):
-                rle = mask_utils.frPyObjects(rle, *rle["size"])
-            elif isinstance(rle.get("counts"), str):
-                rle["counts"] = rle["counts"].encode("ascii")
-            array = mask_utils.decode(rle)
-        except Exception as error:  # pycocotools raises several types on bad RLE
-            raise Sa2VAInputError(row, field, f"cannot decode COCO RLE: {error}") from error
-    elif isinstance(mask, torch.Tensor):
-        array = mask.detach().cpu().numpy()
-    else:
-        array = np.asarray(mask)
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise Sa2VAInputError(row, field, f"expected an H x W mask, got shape {array.shape}")
-    return array.astype(bool)
+    if isinstance(mask, torch.Tensor) and mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    elif isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    try:
+        return as_mask(mask, row=row, field=field)
+    except MaskFormatError as error:
+        raise Sa2VAInputError(row, field, error.message) from error
 
 
 def mask_to_token_grid(mask: np.ndarray, grid_size: int) -> torch.Tensor:
