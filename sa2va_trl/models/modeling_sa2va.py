@@ -327,9 +327,9 @@ class Sa2VAModel(Sa2VAPreTrainedModel):
 
         The sparse prompt is what the published model feeds: the prompt encoder's "no point"
         tokens (a label -1 point plus its padding point) followed by the row's language
-        embedding; the dense prompt is `no_mask_embed`. The published SAM2 code also replaces the
-        logits by -1024 where the object-score logit is <= 0; that hard gate would cut gradients,
-        so it is not applied here: `object_score_logits` is returned for callers who want it.
+        embedding; the dense prompt is `no_mask_embed`. No object-score gate is applied (the
+        published language-prompt path has it disabled too, and it would cut gradients);
+        `object_score_logits` is returned for callers who want it.
 
         Args:
             sam_features: `get_sam2_features` output for the unique images.
