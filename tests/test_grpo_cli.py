@@ -1,0 +1,117 @@
+"""The entry point: recipe parsing (positional YAML, --config, CLI overrides), config validation, an end-to-end run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sa2va_trl.config import Sa2VAGRPOConfig, Sa2VAScriptArguments
+from sa2va_trl.grpo import main, parse_args, rewrite_positional_recipe
+from sa2va_trl.rewards.registry import list_rewards
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "recipes" / "demo.yaml")
+CYCLE = str(ROOT / "recipes" / "cycle.yaml")
+
+
+def test_positional_recipe_with_cli_overrides(tmp_path):
+    script, training, model = parse_args([DEMO, "--max_steps", "3", "--loops", "mask_to_caption",
+                                          "--output_dir", str(tmp_path)])
+    assert training.max_steps == 3  # the CLI wins over the recipe's 30
+    assert training.loops == ["mask_to_caption"]
+    assert training.num_generations == 4 and training.ema_decay == 0.99  # from the recipe
+    assert training.caption_to_mask_rewards == ["cycle_meteor", "mask_iou"]
+    assert model.model_name_or_path == "builtin:tiny" and script.dataset_format == "synthetic"
+    assert training.output_dir == str(tmp_path)
+
+
+def test_config_flag_forms_parse_the_same(tmp_path):
+    forms = ([DEMO], ["--config", DEMO], [f"--config={DEMO}"])
+    parsed = [parse_args([*form, "--output_dir", str(tmp_path)]) for form in forms]
+    for other in parsed[1:]:
+        assert other[1].to_dict() == parsed[0][1].to_dict()
+        assert dataclasses.asdict(other[0]) == dataclasses.asdict(parsed[0][0])
+    with pytest.raises(SystemExit):
+        rewrite_positional_recipe([DEMO, "--config", DEMO])
+
+
+def test_cycle_recipe_refuses_the_remote_backend_clearly_and_parses_otherwise(tmp_path):
+    with pytest.raises(ValueError, match="model_backend: remote.*not available yet"):
+        parse_args([CYCLE, "--output_dir", str(tmp_path)])
+    script, training, model = parse_args([CYCLE, "--model_backend", "native", "--bf16", "false",
+                                          "--output_dir", str(tmp_path)])
+    assert model.use_peft and model.lora_r == 128 and training.num_generations == 8
+    assert training.metric_for_best_model == "eval_mean_iou" and script.dataset_format == "gar"
+
+
+def args(tmp_path, **kwargs):
+    return Sa2VAGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mask_to_caption_rewards": ["cycle_iuo"]}, r"unknown reward 'cycle_iuo'. Registered rewards: \["),
+        ({"caption_to_mask_reward_weights": [1.0, 2.0]}, "has 2 values for 1 rewards"),
+        ({"loops": ["mask_to_caption", "loop3"]}, "unknown loop 'loop3'"),
+        ({"loops": []}, "`loops` is empty"),
+        ({"ema_decay": 1.0}, r"must lie in \[0, 1\)"),
+        ({"mask_action_sigma": 0.0}, "mask_action_sigma` must be > 0"),
+        ({"advantage_mode": "median"}, "advantage_mode` must be one of"),
+        ({"caption_to_mask_weight": -1.0}, "finite number >= 0"),
+        ({"reward_weights": [1.0]}, "not TRL's `reward_weights`"),
+        ({"beta": 0.1, "sync_ref_model": True}, "EMA model is the KL reference"),
+    ],
+)
+def test_config_errors_say_what_to_fix(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        args(tmp_path, **kwargs)
+
+
+def test_script_arguments_validation():
+    with pytest.raises(ValueError, match="needs `dataset_name`"):
+        Sa2VAScriptArguments(dataset_format="gar")
+    with pytest.raises(ValueError, match="`dataset_format` must be one of"):
+        Sa2VAScriptArguments(dataset_format="coco")
+    with pytest.raises(ValueError, match="not available yet"):
+        Sa2VAScriptArguments(model_backend="remote")
+
+
+def test_reward_help_is_built_from_the_registry():
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(Sa2VAGRPOConfig)}["mask_to_caption_rewards"]
+    for name in list_rewards():
+        assert name in help_text
+
+
+def test_loop_weights_map_to_trl_reward_weights_in_loop_order(tmp_path):
+    config = args(tmp_path, loops=["caption_to_mask", "mask_to_caption"],
+                  mask_to_caption_rewards=["cycle_iou", "caption_meteor"], mask_to_caption_reward_weights=[1.0, 0.5],
+                  caption_to_mask_rewards=["cycle_meteor"])
+    assert config.flat_reward_weights() == [1.0, 0.5, 1.0]
+
+
+def test_main_runs_the_demo_recipe_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    trainer = main(*parse_args([DEMO, "--max_steps", "2", "--synthetic_images", "4", "--output_dir", str(out),
+                                "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]))
+    assert trainer.state.global_step == 2
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert (out / "ema_model").is_dir()
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"loops/mask_to_caption/reward_mean", "loops/caption_to_mask/frac_reward_zero_std", "kl"} <= logged
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_module(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               "-m", "sa2va_trl.grpo", DEMO, "--max_steps", "1", "--synthetic_images", "4",
+               "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--save_strategy", "no"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "model.safetensors").exists()

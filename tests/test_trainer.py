@@ -1,0 +1,346 @@
+"""Sa2VAGRPOTrainer on the tiny model: both loops, TRL's settings honoured, log-probs consistent, clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from sa2va_trl.config import CAPTION_TO_MASK, MASK_TO_CAPTION, Sa2VAGRPOConfig
+from sa2va_trl.data.synthetic import shapes_dataset
+from sa2va_trl.models.tiny import build_tiny_model
+from sa2va_trl.trainer import (
+    SAMPLE_INDEX_KEY,
+    EMAReversePolicy,
+    Sa2VAGRPOTrainer,
+    Sa2VARowError,
+    _EMAReference,
+    rank_advantages,
+)
+
+G = 4
+
+
+def hash_reward(prompts, completions, completion_ids, **kwargs):
+    """A deterministic reward that differs between completions, so advantages are non-zero."""
+    return [zlib.crc32(str(ids).encode()) % 1000 / 1000 for ids in completion_ids]
+
+
+def make_trainer(tmp_path, rewards=None, dataset=None, **overrides):
+    model, tokenizer = build_tiny_model(seed=0)
+    model.train()
+    settings = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=2 * G,
+        num_generations=G,
+        max_steps=2,
+        logging_steps=1,
+        max_completion_length=8,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        beta=0.04,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    args = Sa2VAGRPOConfig(**settings)
+    rewards = rewards or {MASK_TO_CAPTION: [hash_reward], CAPTION_TO_MASK: [hash_reward]}
+    dataset = dataset if dataset is not None else shapes_dataset(4, seed=0)
+    return Sa2VAGRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
+                            processing_class=tokenizer)
+
+
+def generation_batch(trainer):
+    """One local generation batch of rows, as TRL's dataloader yields it (each row G times, contiguous)."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    return batch
+
+
+def test_two_steps_both_loops_change_parameters_and_log_loop_metrics(tmp_path):
+    trainer = make_trainer(tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
+    assert any(n.startswith("language_model") for n in changed)
+    assert trainer.state.global_step == 2
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    for loop in (MASK_TO_CAPTION, CAPTION_TO_MASK):
+        for metric in ("reward_mean", "reward_std", "frac_reward_zero_std", "advantage_std"):
+            assert f"loops/{loop}/{metric}" in logged
+        assert f"rewards/{loop}/hash_reward/mean" in logged
+    for metric in ("kl", "advantages/std", "frac_reward_zero_std", f"loops/{CAPTION_TO_MASK}/frac_no_seg", "ema/decay"):
+        assert metric in logged
+
+
+def test_beta_uses_the_ema_as_reference_without_loading_from_disk(tmp_path):
+    trainer = make_trainer(tmp_path, beta=0.1)
+    assert isinstance(trainer.ref_model, _EMAReference)
+    assert trainer.beta == 0.1 and trainer.args.beta == 0.1
+    trainer_without = make_trainer(tmp_path, beta=0.0)
+    assert trainer_without.ref_model is None
+    trainer_without.train()
+    logged = {k for entry in trainer_without.state.log_history for k in entry}
+    assert "kl" not in logged
+
+
+def test_num_iterations_and_gradient_accumulation_reuse_one_generation(tmp_path):
+    trainer = make_trainer(tmp_path, num_iterations=2, gradient_accumulation_steps=2, steps_per_generation=2,
+                           per_device_train_batch_size=G)
+    calls = []
+    rollout = trainer._rollout
+    trainer.rollout_func = lambda prompts, t: calls.append(len(prompts)) or rollout(prompts, t)
+    trainer.train()
+    # 2 optimizer steps x 2 micro-batches = 4 micro-steps = steps_per_generation x num_iterations: one generation
+    assert calls == [2 * G]
+    assert trainer.state.global_step == 2
+    logged = [entry for entry in trainer.state.log_history if "clip_ratio/region_mean" in entry]
+    assert logged, "the clipped loss ran"
+
+
+def test_sampling_logprobs_equal_training_logprobs_in_shuffled_order(tmp_path):
+    trainer = make_trainer(tmp_path, mask_action=False)
+    trainer.ema.attach(trainer.model)
+    output = trainer._generate_and_score_completions(generation_batch(trainer))
+    sampled = output["sampling_per_token_logps"]
+    mask = output["completion_mask"].bool()
+    order = torch.randperm(sampled.shape[0])
+    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)[order]
+    attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)[order]
+    trainer._active_samples = output[SAMPLE_INDEX_KEY][order]
+    logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, input_ids, attention, output["completion_ids"].shape[1], compute_entropy=True
+    )
+    trainer._active_samples = None
+    torch.testing.assert_close(logps[mask[order]], sampled[order][mask[order]], atol=2e-4, rtol=1e-4)
+    assert entropies.shape == logps.shape and (entropies[mask[order]] > 0).all()
+
+
+def test_scale_rewards_none_and_loop_weights_shape_advantages(tmp_path):
+    trainer = make_trainer(tmp_path, scale_rewards="none", caption_to_mask_weight=0.5)
+    trainer.ema.attach(trainer.model)
+    batch = generation_batch(trainer)
+    output = trainer._generate_and_score_completions(batch)
+    rewards = (trainer._last_rewards_per_func * trainer.reward_weights).nansum(dim=1)
+    expected = rewards - rewards.view(-1, G).mean(dim=1).repeat_interleave(G)  # "none": centred, not scaled
+    weights = torch.tensor([0.5 if row["task"] == CAPTION_TO_MASK else 1.0 for row in batch])
+    torch.testing.assert_close(output["advantages"], expected * weights)
+
+
+def test_rank_advantage_mode(tmp_path):
+    trainer = make_trainer(tmp_path, advantage_mode="rank")
+    trainer.ema.attach(trainer.model)
+    output = trainer._generate_and_score_completions(generation_batch(trainer))
+    rewards = (trainer._last_rewards_per_func * trainer.reward_weights).nansum(dim=1)
+    torch.testing.assert_close(output["advantages"], rank_advantages(rewards, G))
+    assert output["advantages"].abs().max() <= 1.0
+
+
+def test_rank_advantages_by_hand():
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 0.0, float("nan"), 2.0, 1.0])
+    expected = [-1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0]
+    assert rank_advantages(rewards, 4).tolist() == expected
+
+
+def test_a_raising_reward_stops_with_an_error_naming_reward_and_row(tmp_path):
+    def fragile(prompts, completions, completion_ids, source_id, **kwargs):
+        return [1.0 / len(s.split("/")[2].strip("0123456789")) for s in source_id]  # ZeroDivisionError
+
+    trainer = make_trainer(tmp_path, rewards={MASK_TO_CAPTION: [fragile], CAPTION_TO_MASK: [fragile]})
+    with pytest.raises(Sa2VARowError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "/fragile'" in message and "ZeroDivisionError" in message
+    assert re.search(r"dataset row \d+ \(task '\w+', source_id 'shapes/train/\d', region_index \d\)", message)
+
+
+def test_a_corrupt_row_stops_with_an_error_naming_row_and_field(tmp_path):
+    from sa2va_trl.data.schema import encode_mask
+
+    dataset = shapes_dataset(2, seed=0)
+    small = np.zeros((64, 64), dtype=bool)
+    small[10:40, 10:40] = True  # a region mask half the image's size
+    dataset = dataset.map(lambda row: {"region_mask": encode_mask(small)}, features=dataset.features)
+    trainer = make_trainer(tmp_path, dataset=dataset, loops=[MASK_TO_CAPTION])
+    with pytest.raises(Sa2VARowError, match=r"dataset row \d+ .*source_id 'shapes/train/\d'.*region_mask"):
+        trainer.train()
+
+
+def test_mask_action_adds_the_tempered_gaussian_log_density_at_the_seg_token(tmp_path):
+    from sa2va_trl.trainer import _LoopRollout
+
+    trainer = make_trainer(tmp_path, mask_action_sigma=0.5)
+    policy = trainer.policy
+    hidden = torch.randn(2, trainer.model.config.llm_config.hidden_size, requires_grad=True)
+    mu = policy.seg_embeddings(hidden).detach()
+    action = mu + 0.5 * torch.randn_like(mu)
+    loop = _LoopRollout(batch=None, positions=[0, 1], seg_action=action, seg_scale=torch.full((2,), 0.5),
+                        has_seg=torch.tensor([True, False]))
+    seg = trainer.seg_token_id
+    completion_ids = torch.tensor([[5, 6, seg, 7], [5, seg, 6, 7]])
+    out = type("Out", (), {"seg_hidden": hidden})()
+    logps = trainer._add_mask_action_logdensity(torch.zeros(2, 4), out, loop, [0, 1], completion_ids)
+    expected = -0.5 * ((action[0] - mu[0]) / 0.5).pow(2).mean()
+    torch.testing.assert_close(logps[0, 2], expected)
+    assert logps[0, [0, 1, 3]].abs().sum() == 0 and logps[1].abs().sum() == 0  # row 1 has no recorded [SEG]
+    logps.sum().backward()
+    fcs = [p.grad for p in trainer.model.text_hidden_fcs.parameters()]
+    assert hidden.grad is not None and any(g is not None and g.abs().sum() > 0 for g in fcs)
+
+
+def test_reverse_policy_scores_degenerate_inputs_lowest_instead_of_failing():
+    model, tokenizer = build_tiny_model(seed=0)
+    from sa2va_trl.models.adapter import Sa2VAPolicy
+
+    host = type("Host", (), {})()
+    host.policy = Sa2VAPolicy(model, tokenizer)
+    host.ema_weights = contextlib.nullcontext
+    reverse = EMAReversePolicy(host)
+    row = shapes_dataset(1, seed=0)[0]
+    image = row["img"]
+    empty = np.zeros((image.height, image.width), dtype=bool)
+    captions = reverse.caption([image, image], [empty, row["region_mask"]])
+    assert captions[0] == "" and isinstance(captions[1], str)
+    masks = reverse.segment([image, image], ["", "a red circle"])
+    assert masks[0].shape == (image.height, image.width) and not masks[0].any()
+    assert masks[1].shape == (image.height, image.width)
+
+
+def test_evaluation_inside_training_picks_the_best_checkpoint(tmp_path):
+    from sa2va_trl.ema import EMA_CONFIG_NAME
+
+    model, tokenizer = build_tiny_model(seed=0)
+    model.train()
+    args = Sa2VAGRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=2 * G, num_generations=G,
+        max_steps=2, logging_steps=1, max_completion_length=6, learning_rate=1e-3, report_to=[], disable_tqdm=True,
+        eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+        metric_for_best_model="eval_meteor",
+    )
+    trainer = Sa2VAGRPOTrainer(model=model, reward_funcs={MASK_TO_CAPTION: [hash_reward], CAPTION_TO_MASK: [hash_reward]},
+                               args=args, train_dataset=shapes_dataset(4, seed=0),
+                               eval_dataset=shapes_dataset(2, seed=0, split="validation"), processing_class=tokenizer)
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_mean_iou" in entry]
+    assert [entry["step"] for entry in evals] == [1, 2]
+    for key in ("eval_meteor", "eval_exact_match", "eval_accuracy/colour", "eval_precision@0.5"):
+        assert 0.0 <= evals[-1][key] <= 1.0
+    assert trainer.state.best_model_checkpoint is not None
+    assert os.path.isfile(os.path.join(trainer.state.best_model_checkpoint, EMA_CONFIG_NAME))  # EMA saved with it
+    train_entries = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all("loops/mask_to_caption/reward_mean" in e or "loops/caption_to_mask/reward_mean" in e
+               for e in train_entries)
+
+
+def test_lora_trains_adapters_and_the_chosen_parts_only(tmp_path):
+    import types
+
+    from sa2va_trl.grpo import build_peft_config, set_trainable_parts
+
+    model, tokenizer = build_tiny_model(seed=0)
+    model.train()
+    script = types.SimpleNamespace(train_mlp1=True, train_text_hidden_fcs=True, train_mask_decoder=True,
+                                   train_language_model=True)
+    model_args = types.SimpleNamespace(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                                       lora_target_modules=None, lora_modules_to_save=None, use_rslora=False,
+                                       use_dora=False)
+    set_trainable_parts(model, script, use_peft=True)
+    args = Sa2VAGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=2 * G,
+                           num_generations=G, max_steps=1, max_completion_length=6, learning_rate=1e-2,
+                           report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = Sa2VAGRPOTrainer(model=model, reward_funcs={MASK_TO_CAPTION: [hash_reward], CAPTION_TO_MASK: [hash_reward]},
+                               args=args, train_dataset=shapes_dataset(4, seed=0), processing_class=tokenizer,
+                               peft_config=build_peft_config(model_args, script))
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("language_model" in n and "lora_A" in n for n in trainable)
+    assert any("mlp1.1.lora_A" in n for n in trainable)
+    assert any("text_hidden_fcs" in n for n in trainable) and any("mask_decoder" in n for n in trainable)
+    assert not any("vision_model" in n or "lora" not in n and "language_model" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n in trainable}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if n in trainable and not torch.equal(before[n], p)]
+    assert any("lora_B" in n and "language_model" in n for n in changed)
+
+
+def test_reference_logprobs_come_from_the_ema_weights(tmp_path):
+    trainer = make_trainer(tmp_path, beta=0.1, mask_action=False)
+    trainer.ema.attach(trainer.model)  # shadow = current weights
+    batch = generation_batch(trainer)
+    output = trainer._generate_and_score_completions(batch)
+    mask = output["completion_mask"].bool()
+    torch.testing.assert_close(output["ref_per_token_logps"][mask], output["sampling_per_token_logps"][mask],
+                               atol=2e-4, rtol=1e-4)
+    live = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    name = next(n for n in trainer.ema.shadow if n.startswith("language_model") and "lm_head" in n)
+    trainer.ema.shadow[name].mul_(0.0)  # an EMA whose output head is zero: uniform next-token distribution
+    output = trainer._generate_and_score_completions(batch)
+    vocab = trainer.model.config.llm_config.vocab_size
+    ref = output["ref_per_token_logps"][output["completion_mask"].bool()]
+    torch.testing.assert_close(ref, torch.full_like(ref, -float(np.log(vocab))), atol=1e-4, rtol=1e-4)
+    for n, p in trainer.model.named_parameters():  # the live weights are back, bit for bit
+        assert torch.equal(p, live[n]), n
+
+
+def test_resume_from_a_checkpoint_continues_with_the_saved_ema(tmp_path):
+    first = make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, ema_decay=0.5)
+    first.train()
+    saved_shadow = {n: t.clone() for n, t in first.ema.shadow.items()}
+    second = make_trainer(tmp_path, max_steps=3, save_strategy="no", ema_decay=0.5,
+                          resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    seen = {}
+    original = second.ema.update
+
+    def spy(model=None, step=None):
+        seen.setdefault("before", {n: t.clone() for n, t in second.ema.shadow.items()})
+        return original(model, step)
+
+    second.ema.update = spy
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert second.state.global_step == 3
+    for n, t in saved_shadow.items():
+        torch.testing.assert_close(seen["before"][n], t)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_trl_loss_types_run_on_the_adapter_logprobs(tmp_path, loss_type):
+    trainer = make_trainer(tmp_path, beta=0.0, mask_action=False, loss_type=loss_type)
+    trainer.ema.attach(trainer.model)
+    output = trainer._generate_and_score_completions(generation_batch(trainer))
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(trainer.model, output)
+    mask = output["completion_mask"].float()
+    adv = output["advantages"].unsqueeze(1)
+    # ratio 1 at the sampling weights, so the per-token loss is -A; each loss type aggregates it its own way
+    expected = {
+        "grpo": ((-adv * mask).sum(1) / mask.sum(1).clamp(min=1)).mean(),
+        "bnpo": (-adv * mask).sum() / mask.sum(),
+        "dr_grpo": (-adv * mask).sum() / (mask.shape[0] * trainer.max_completion_length),
+    }[loss_type]
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-4)
+    loss.backward()
+    assert trainer.model.language_model.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mask_action", [False, True])
+def test_identical_seg_answers_give_distinct_masks_only_with_the_mask_action(tmp_path, mask_action):
+    from sa2va_trl.models.adapter import Rollout
+    from sa2va_trl.trainer import _LoopRollout
+
+    trainer = make_trainer(tmp_path, mask_action=mask_action)
+    row = shapes_dataset(1, seed=0)[0]
+    batch = trainer.policy.segmentation_prompts([row["img"]], [row["caption"]]).repeat(8)
+    hidden = torch.randn(1, trainer.model.config.llm_config.hidden_size).repeat(8, 1)  # 8 identical [SEG] states
+    rollout = Rollout(batch=batch, completion_ids=None, completion_mask=None, logprobs=None, seg_hidden=hidden,
+                      has_seg=torch.ones(8, dtype=torch.bool), is_truncated=None, completions=[""] * 8,
+                      num_generations=8)
+    with torch.no_grad():
+        masks = trainer._decode_loop2_masks(rollout, _LoopRollout(batch=batch, positions=list(range(8))))
+    distinct = {m.tobytes() for m in masks}
+    assert (len(distinct) > 1) == mask_action  # without the action the group's masks, hence rewards, are equal
