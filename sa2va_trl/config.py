@@ -284,7 +284,8 @@ class Sa2VAScriptArguments(ScriptArguments):
         default="native",
         metadata={
             "help": "`native`: the transformers-built Sa2VA of this package (also `builtin:tiny`). `remote`: the "
-            "published trust_remote_code checkpoints (not available yet).",
+            "published trust_remote_code checkpoints (not accepted by the trainer yet: convert them with "
+            "`python -m sa2va_trl.convert SRC DST` and use `native`).",
             "choices": list(MODEL_BACKENDS),
         },
     )
@@ -306,8 +307,9 @@ class Sa2VAScriptArguments(ScriptArguments):
             raise ValueError(f"`model_backend` must be one of {list(MODEL_BACKENDS)}, got {self.model_backend!r}.")
         if self.model_backend == "remote":
             raise ValueError(
-                "`model_backend: remote` (published trust_remote_code Sa2VA checkpoints) is not available yet. Use "
-                "`model_backend: native` with a native checkpoint, or `model_name_or_path: builtin:tiny`."
+                "`model_backend: remote` (published trust_remote_code Sa2VA checkpoints) is not available yet in the "
+                "trainer. Convert the checkpoint with `python -m sa2va_trl.convert SRC DST` and use "
+                "`model_backend: native` with DST, or `model_name_or_path: builtin:tiny`."
             )
         formats = ["synthetic", *DATA_FORMATS]
         if self.dataset_format not in formats:

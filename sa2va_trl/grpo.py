@@ -59,9 +59,9 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args):
 
     if not os.path.isdir(name):
         raise ValueError(
-            f"model_name_or_path {name!r} is not a local native Sa2VA checkpoint. Published ByteDance/Sa2VA-* "
-            "checkpoints need the remote backend / converter, which has not landed yet; use `builtin:tiny` or a "
-            "directory saved by this package."
+            f"model_name_or_path {name!r} is not a local native Sa2VA checkpoint. Convert a published "
+            "ByteDance/Sa2VA-* checkpoint first (`python -m sa2va_trl.convert SRC DST`, SRC a local snapshot), "
+            "or use `builtin:tiny` or a directory saved by this package."
         )
     model = Sa2VAModel.from_pretrained(name, revision=model_args.model_revision, dtype=model_args.dtype or "auto")
     tokenizer = transformers.AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)

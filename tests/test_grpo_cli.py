@@ -40,13 +40,13 @@ def test_config_flag_forms_parse_the_same(tmp_path):
         rewrite_positional_recipe([DEMO, "--config", DEMO])
 
 
-def test_cycle_recipe_refuses_the_remote_backend_clearly_and_parses_otherwise(tmp_path):
-    with pytest.raises(ValueError, match="model_backend: remote.*not available yet"):
-        parse_args([CYCLE, "--output_dir", str(tmp_path)])
-    script, training, model = parse_args([CYCLE, "--model_backend", "native", "--bf16", "false",
-                                          "--output_dir", str(tmp_path)])
+def test_cycle_recipe_parses_and_the_remote_backend_is_refused_clearly(tmp_path):
+    script, training, model = parse_args([CYCLE, "--bf16", "false", "--output_dir", str(tmp_path)])
+    assert script.model_backend == "native"  # a checkpoint converted by `python -m sa2va_trl.convert`
     assert model.use_peft and model.lora_r == 128 and training.num_generations == 8
     assert training.metric_for_best_model == "eval_mean_iou" and script.dataset_format == "gar"
+    with pytest.raises(ValueError, match="model_backend: remote.*not available yet"):
+        parse_args([CYCLE, "--model_backend", "remote", "--bf16", "false", "--output_dir", str(tmp_path)])
 
 
 def args(tmp_path, **kwargs):
