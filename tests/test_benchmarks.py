@@ -1,0 +1,119 @@
+"""The benchmark scripts run with their smallest settings and write JSON with the expected keys; the Timer is exact.
+
+    pytest tests/test_benchmarks.py -m "not slow"   # the Timer tests only (scripts/test.sh's default)
+    pytest tests/test_benchmarks.py                 # also the three scripts at their smallest (~2-3 min, slow)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from _timing import Timer, loglog_slope  # noqa: E402
+
+
+class Work:
+    def outer(self, inner_calls: int = 1):
+        time.sleep(0.02)
+        for _ in range(inner_calls):
+            self.inner()
+        return "done"
+
+    def inner(self):
+        time.sleep(0.03)
+
+
+def test_timer_times_nested_calls_exclusively_and_restores_the_methods():
+    work = Work()
+    timer = Timer()
+    timer.wrap(work, "outer", "outer")
+    timer.wrap(work, "inner", "inner")
+    assert work.outer(inner_calls=2) == "done"
+    totals, calls, _ = timer.take()
+    assert calls == {"outer": 1, "inner": 2}
+    assert 0.015 <= totals["outer"] < 0.05  # its own sleep only, not the inner calls'
+    assert 0.055 <= totals["inner"] < 0.12
+    timer.restore()
+    assert "outer" not in work.__dict__ and "inner" not in work.__dict__
+    assert timer.take()[0] == {}
+
+
+def test_an_opaque_part_keeps_the_time_of_the_timed_calls_inside_it():
+    work = Work()
+    counters = {"n": 0}
+    timer = Timer(probe=lambda: counters)
+    original_inner = work.inner
+
+    def counting_inner():
+        counters["n"] += 1
+        original_inner()
+
+    work.inner = counting_inner
+    timer.wrap(work, "outer", "reverse", opaque=True)
+    timer.wrap(work, "inner", "generation")
+    work.outer(inner_calls=1)
+    totals, calls, counts = timer.take()
+    assert set(totals) == {"reverse"} and totals["reverse"] >= 0.045
+    assert counts == {"reverse": {"n": 1}}
+    work.inner()  # outside the opaque part: timed as its own part
+    assert set(timer.take()[0]) == {"generation"}
+
+
+def test_loglog_slope():
+    assert loglog_slope([1, 2, 4], [3, 6, 12]) == pytest.approx(1.0)
+    assert loglog_slope([1, 2, 4], [1, 4, 16]) == pytest.approx(2.0)
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    output = tmp_path / f"{script}.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args, "--output", str(output)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "|" in done.stdout  # printed a table
+    return json.loads(output.read_text())
+
+
+@pytest.mark.slow
+def test_step_breakdown_smallest(tmp_path):
+    result = _run("step_breakdown", "--generations", "2", "--prompts", "1", "--warmup", "0", "--steps", "1",
+                  "--max-completion-length", "4", tmp_path=tmp_path)
+    assert {"command", "settings", "environment", "targets", "checks", "results"} <= set(result)
+    (one,) = result["results"]
+    assert one["num_generations"] == 2 and one["steps_measured"] == 1
+    for part in ("generation", "reverse_pass", "sam2_decode", "logprob_forward", "backward", "rewards", "ema_update",
+                 "other", "bookkeeping"):
+        assert part in one["median_fraction"] and part in one["median_seconds"]
+    assert one["median_seconds"]["generation"] > 0 and one["median_seconds"]["backward"] > 0
+    assert set(one["encoder_images_per_unique_image"]) == {"vision_images", "sam_encoder_images"}
+
+
+@pytest.mark.slow
+def test_vs_trl_smallest(tmp_path):
+    result = _run("vs_trl", "--generations", "2", "--prompts", "1", "--warmup", "0", "--steps", "1",
+                  "--max-completion-length", "4", "--images", "4", tmp_path=tmp_path)
+    body = result["result"]
+    for key in ("median_ratio", "ratio_of_medians", "ours_seconds", "stock_seconds", "fairness", "target_met",
+                "ours_part_fraction_median"):
+        assert key in body
+    assert len(body["ours_seconds"]) == len(body["stock_seconds"]) == 1
+    fairness = body["fairness"]
+    assert fairness["ours_num_tokens"] == fairness["stock_num_tokens"]  # same prompt and completion lengths
+    assert fairness["ours_completion_length_mean"] == fairness["stock_completion_length_mean"] == 4
+
+
+@pytest.mark.slow
+def test_scaling_quick_one_axis(tmp_path):
+    result = _run("scaling", "--quick", "--axes", "generations", tmp_path=tmp_path)
+    axis = result["axes"]["generations"]
+    assert [p["value"] for p in axis["points"]] == [2, 8]
+    assert {"time_loglog_slope", "memory_delta_loglog_slope", "peak_rss_loglog_slope"} <= set(axis)
+    assert all(p["step_seconds"] > 0 and p["maxrss_mb"] > 0 for p in axis["points"])
+    assert "memory_method" in result
