@@ -392,6 +392,8 @@ class EMACallback(TrainerCallback):
         self._slots: dict[str, _Slot] = {}
         self._shadow: dict[str, torch.Tensor] = {}
         self._backup: dict[str, torch.Tensor] | None = None
+        # Inside `swapped_in`: the live tensors of the parameters whose storage was swapped with the shadow.
+        self._swapped: dict[str, torch.Tensor] | None = None
         # A state the user loaded before train(): the hooks keep it. For a checkpoint, its path,
         # to re-read it once the Trainer has prepared (e.g. ZeRO-3-partitioned) the model.
         self._pinned = False
@@ -498,6 +500,9 @@ class EMACallback(TrainerCallback):
         ``step`` is the optimizer step just taken (default: the last one + 1). Under ZeRO-3 this
         reads each rank's local slices only; it never communicates.
         """
+        if self._swapped is not None or self._backup is not None:
+            # Inside a swap the model holds the EMA weights (and may share the shadow's storage).
+            raise RuntimeError("EMACallback.update: the EMA weights are swapped in; update after the swap ends.")
         if self._model is None:
             if model is None:
                 raise RuntimeError("EMACallback.update needs a model (or attach(model) first).")
@@ -522,10 +527,12 @@ class EMACallback(TrainerCallback):
     @torch.no_grad()
     def store(self, model: torch.nn.Module | None = None) -> None:
         """Keep an exact copy of the current (live) trainable weights, for `restore`."""
-        if self._backup is not None:
+        self._store_slots(self._slots_for(model))
+
+    def _store_slots(self, slots: Mapping[str, _Slot]) -> None:
+        if self._backup is not None or self._swapped is not None:
             # A second store would overwrite the live weights kept by the first one.
             raise RuntimeError("EMACallback.store: weights are already stored (nested swapped_in?); restore() first.")
-        slots = self._slots_for(model)
         self._backup = {n: s.local().detach().clone() for n, s in slots.items()}
 
     @torch.no_grad()
@@ -533,7 +540,9 @@ class EMACallback(TrainerCallback):
         """Put back the weights saved by `store`, bit for bit. Collective under ZeRO-3."""
         if self._backup is None:
             raise RuntimeError("EMACallback.restore: nothing stored; call store() first.")
-        slots = self._slots_for(model)
+        self._restore_slots(self._slots_for(model))
+
+    def _restore_slots(self, slots: Mapping[str, _Slot]) -> None:
         for name, slot in slots.items():
             slot.local().copy_(self._backup[name])
         self._backup = None
@@ -548,25 +557,57 @@ class EMACallback(TrainerCallback):
         trained under DeepSpeed mixed precision is undone at the next step (the optimizer keeps
         its own fp32 master weights): use `swapped_in` for a temporary swap.
         """
-        slots = self._slots_for(model)
+        self._copy_slots(self._slots_for(model))
+
+    def _copy_slots(self, slots: Mapping[str, _Slot]) -> None:
         for name, slot in slots.items():
             local = slot.local()
             local.copy_(self._shadow[name].view(local.shape))
         _refresh_gathered_zero3(list(slots.values()))
 
+    def _storage_swappable(self, name: str, slot: _Slot) -> bool:
+        """Whether the shadow tensor itself can stand in for the parameter's data (fp32, same device and
+        shape, not a ZeRO-3 slice): then a swap exchanges tensors instead of copying weights."""
+        shadow, data = self._shadow[name], slot.param.data
+        return (
+            not slot.zero3 and data.dtype == torch.float32 and shadow.device == data.device
+            and shadow.shape == data.shape
+        )
+
     @contextlib.contextmanager
     def swapped_in(self, model: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
         """Context manager: the EMA weights inside, the exact live weights again on exit.
 
+        Plain fp32 parameters next to their shadow get the shadow tensor as their data inside (no
+        copy; the live tensor is put back on exit, so the restore is exact); the others (bf16,
+        ZeRO-3 slices, a shadow on another device) are stored, overwritten and copied back.
+
         >>> # with ema.swapped_in(model): ref_logits = model(**batch).logits
         """
         target = self._model if model is None else model
-        self.store(target)
+        slots = self._slots_for(target)
+        if self._backup is not None or self._swapped is not None:
+            raise RuntimeError("EMACallback.store: weights are already stored (nested swapped_in?); restore() first.")
+        swap = {n: s for n, s in slots.items() if self._storage_swappable(n, s)}
+        copied = {n: s for n, s in slots.items() if n not in swap}
+        self._swapped = {}
         try:
-            self.copy_to(target)
+            with torch.no_grad():
+                for name, slot in swap.items():
+                    self._swapped[name] = slot.param.data
+                    slot.param.data = self._shadow[name]
+                self._backup = {n: s.local().detach().clone() for n, s in copied.items()}
+                self._copy_slots(copied)
             yield target
         finally:
-            self.restore(target)
+            with torch.no_grad():
+                try:
+                    if self._backup is not None:
+                        self._restore_slots(copied)
+                finally:
+                    for name, live in self._swapped.items():
+                        swap[name].param.data = live
+                    self._swapped = None
 
     average_parameters = swapped_in  # the name torch-ema users know
 

@@ -549,6 +549,11 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         inputs = self._rollout_inputs
         if inputs is None or len(inputs) != len(prompts):
             raise RuntimeError("Sa2VAGRPOTrainer._rollout runs only inside _generate_and_score_completions.")
+        # The frozen-encoder cache is shared by this rollout, its reverse-model calls and the training forwards
+        # until the next one; clearing here keeps it to one generation batch.
+        clear = getattr(self.policy, "clear_feature_cache", None)
+        if clear is not None:
+            clear()
         mode = "train" if self.model.training else "eval"
         n = len(inputs)
         tasks = [row[TASK_COLUMN] for row in inputs]

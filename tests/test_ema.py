@@ -164,6 +164,58 @@ def test_swap_in_bf16_model_restores_bitwise():
     assert torch.equal(model.b.weight, live)
 
 
+def test_swap_of_fp32_model_exchanges_storage_without_copies_and_restores_bitwise():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    ema = EMACallback(decay=0.5).attach(model)
+    with torch.no_grad():
+        for p in trainable(model).values():
+            p.add_(torch.randn_like(p))
+    ema.update(model)
+    params = trainable(model)
+    live = {n: p.detach().clone() for n, p in params.items()}
+    live_ptrs = {n: p.data_ptr() for n, p in params.items()}
+    shadow_ptrs = {n: t.data_ptr() for n, t in ema.shadow.items()}
+    shadow = {n: t.clone() for n, t in ema.shadow.items()}
+    with ema.swapped_in(model):
+        for name, param in params.items():
+            assert param.data_ptr() == shadow_ptrs[name], name  # the shadow itself, no new storage
+            assert torch.equal(param, shadow[name]), name
+        with pytest.raises(RuntimeError, match="swapped in"):
+            ema.update(model)  # would average the EMA weights into themselves
+        with pytest.raises(RuntimeError, match="already stored"):
+            with ema.swapped_in(model):
+                pass
+    for name, param in params.items():
+        assert param.data_ptr() == live_ptrs[name] and torch.equal(param, live[name]), name
+        assert ema.shadow[name].data_ptr() == shadow_ptrs[name] and torch.equal(ema.shadow[name], shadow[name])
+    with pytest.raises(KeyError):
+        with ema.swapped_in(model):
+            raise KeyError("boom")
+    for name, param in params.items():
+        assert param.data_ptr() == live_ptrs[name] and torch.equal(param, live[name]), name
+    ema.update(model)  # usable again after the swap
+
+
+def test_swap_of_mixed_precision_model_copies_only_the_bf16_parameters():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    model.b.to(torch.bfloat16)
+    ema = EMACallback(decay=0.5).attach(model)
+    with torch.no_grad():
+        for p in trainable(model).values():
+            p.add_(1.0)
+    ema.update(model)
+    live = {n: p.detach().clone() for n, p in trainable(model).items()}
+    bf16_ptr = model.b.weight.data_ptr()
+    with ema.swapped_in(model):
+        assert model.a.weight.data_ptr() == ema.shadow["a.weight"].data_ptr()
+        assert model.b.weight.data_ptr() == bf16_ptr  # copied into, not swapped
+        torch.testing.assert_close(model.b.weight, ema.shadow["b.weight"].to(torch.bfloat16), rtol=0, atol=0)
+    for name, param in trainable(model).items():
+        assert torch.equal(param, live[name]), name
+
+
 def test_store_restore_and_errors():
     model = TwoLayer()
     ema = EMACallback().attach(model)

@@ -257,6 +257,63 @@ def test_frozen_vision_tower_runs_once_per_batch_across_sampling_and_training():
     assert model.mlp1[1].weight.grad.abs().sum() > 0  # the projector still trains
 
 
+def test_frozen_encoders_run_once_per_unique_image_across_batches():
+    model, tokenizer = build_tiny_model(seed=5)
+    model.vision_model.requires_grad_(False)
+    model.grounding_encoder.vision_encoder.requires_grad_(False)
+    policy = Sa2VAPolicy(model, tokenizer)
+    images, masks = _images_and_masks()
+    # A caption batch and a segmentation batch over the same 3 images (one shown twice).
+    order = [0, 1, 2, 0]
+    caption = policy.caption_prompts([images[i] for i in order], [masks[i] for i in order])
+    segment = policy.segmentation_prompts([images[2], images[1], images[0]], ["a", "b", "c"])
+    rollout = policy.sample(caption, num_generations=2, max_new_tokens=3)
+    policy.completion_logprobs(rollout.batch, rollout.completion_ids, rollout.completion_mask)
+    seg_rollout = policy.sample(segment, num_generations=2, max_new_tokens=3)
+    out = policy.decode_masks(seg_rollout.batch, policy.seg_embeddings(seg_rollout.seg_hidden))
+    policy.decode_masks(rollout.batch.select([4, 5]), torch.zeros(2, 32))
+    assert policy.counters["vision_calls"] == 1 and policy.counters["vision_images"] == 3
+    assert policy.counters["sam_encoder_calls"] == 1 and policy.counters["sam_encoder_images"] == 3
+    # Cached features are the uncached ones (same order per batch), and masks equal a fresh policy's.
+    fresh = Sa2VAPolicy(model, tokenizer)
+    again = fresh.decode_masks(seg_rollout.batch, policy.seg_embeddings(seg_rollout.seg_hidden))
+    torch.testing.assert_close(again.low_res_logits, out.low_res_logits, atol=0, rtol=0)
+    fresh.remove_hooks()
+    # The native SAM2 features after the encoder (conv_s0 / conv_s1, no-memory embedding) are those of
+    # get_sam2_features bit for bit, and stay outside the cache: they train with the mask decoder.
+    encode, finish = policy._sam2_stages()
+    with torch.no_grad():
+        whole = model.get_sam2_features(segment.sam_pixel_values)
+        for split, expected in zip(finish(encode(segment.sam_pixel_values)), whole, strict=True):
+            torch.testing.assert_close(split, expected, atol=0, rtol=0)
+    model.grounding_encoder.mask_decoder.zero_grad()
+    policy.decode_masks(segment, torch.randn(3, 32)).low_res_logits.sum().backward()
+    assert model.grounding_encoder.mask_decoder.conv_s0.weight.grad.abs().sum() > 0
+    policy.reset_counters()
+    policy.clear_feature_cache()
+    policy.sample(segment, num_generations=1, max_new_tokens=2)
+    policy.decode_masks(segment, torch.zeros(3, 32))
+    assert policy.counters["vision_images"] == 3 and policy.counters["sam_encoder_images"] == 3
+    # The cache is bounded (oldest images dropped first).
+    policy.feature_cache_size = 2
+    policy.clear_feature_cache()
+    policy.decode_masks(segment, torch.zeros(3, 32))
+    assert len(policy._feature_cache) == 2
+
+
+def test_trainable_encoder_is_never_cached():
+    model, tokenizer = build_tiny_model(seed=6)
+    policy = Sa2VAPolicy(model, tokenizer)  # every parameter trainable
+    images, masks = _images_and_masks()
+    batch = policy.segmentation_prompts(images, ["a", "b", "c"])
+    policy.sample(batch, num_generations=1, max_new_tokens=2)
+    policy.sample(policy.caption_prompts(images, masks), num_generations=1, max_new_tokens=2)
+    policy.decode_masks(batch, torch.zeros(3, 32))
+    policy.decode_masks(batch, torch.zeros(3, 32))
+    assert policy.counters["vision_calls"] == 2 and policy.counters["sam_encoder_calls"] == 2
+    assert not policy._feature_cache
+
+
 def test_greedy_sampling_is_deterministic_and_matches_argmax(policy):
     images, masks = _images_and_masks()
     batch = policy.caption_prompts(images[:2], masks[:2])

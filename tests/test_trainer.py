@@ -344,3 +344,27 @@ def test_identical_seg_answers_give_distinct_masks_only_with_the_mask_action(tmp
         masks = trainer._decode_loop2_masks(rollout, _LoopRollout(batch=batch, positions=list(range(8))))
     distinct = {m.tobytes() for m in masks}
     assert (len(distinct) > 1) == mask_action  # without the action the group's masks, hence rewards, are equal
+
+
+def test_frozen_encoders_run_once_per_unique_image_per_step(tmp_path):
+    """Rollouts, the reverse model (EMA swapped in), the training and reference forwards share one encoding."""
+    from sa2va_trl.rewards.registry import get_reward
+
+    rewards = {MASK_TO_CAPTION: [get_reward("cycle_iou")], CAPTION_TO_MASK: [get_reward("cycle_meteor"), hash_reward]}
+    trainer = make_trainer(tmp_path, rewards=rewards, max_steps=1)
+    trainer.model.vision_model.requires_grad_(False)
+    trainer.model.grounding_encoder.vision_encoder.requires_grad_(False)
+    trainer.ema.attach(trainer.model)
+    unique = set()
+    generate = trainer._generate_and_score_completions
+
+    def recording(inputs):
+        unique.update(row["img"].tobytes() for row in inputs)
+        return generate(inputs)
+
+    trainer._generate_and_score_completions = recording
+    trainer.policy.reset_counters()
+    trainer.train()
+    counters = trainer.policy.counters
+    assert unique and counters["vision_images"] == len(unique)
+    assert 0 < counters["sam_encoder_images"] <= len(unique)

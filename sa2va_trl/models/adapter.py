@@ -14,9 +14,10 @@ use directly:
   image's resolution, with low-res logits kept for losses and gradients;
 - greedy conveniences `caption` and `segment` for the reverse (EMA) model of the cycle rewards.
 
-Frozen encoders (vision tower, SAM2 image encoder) are run once per unique image per batch:
-their outputs are cached on the `PromptBatch` and reused by `sample`, `completion_logprobs` and
-`decode_masks` on that batch or its `repeat` / `select` copies. Counters (`policy.counters`)
+Frozen encoders (vision tower, SAM2 image encoder) are run once per unique image: their outputs
+are cached on the policy by image content (`PromptBatch.image_keys`) and reused by `sample`,
+`completion_logprobs` and `decode_masks` on any batch showing the image (the trainer's rollout,
+its copies and the reverse model's prompts) until `clear_feature_cache()`. Counters (`policy.counters`)
 record how many images went through the vision tower and the SAM2 image encoder, and how many
 completions had no `[SEG]`, so tests and benchmarks can check the "once per unique image"
 promises.
@@ -35,7 +36,7 @@ import contextlib
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -59,6 +60,7 @@ from .image_processing import (
     to_bool_mask,
     vision_tiles,
 )
+from .modeling_sa2va import Sa2VAModel
 
 TASK_CAPTION = "caption"
 TASK_SEGMENTATION = "segmentation"
@@ -106,10 +108,10 @@ class PromptBatch:
     questions: list[str]
     row_indices: list[int]
     tiles_per_image: list[int] | None = None
-    # Features of frozen encoders (vision tower, SAM2 image encoder), cached per batch and shared
-    # by its select / repeat copies: sampling, the training forward and mask decoding of one
-    # step then run each frozen encoder once per unique image.
-    _feature_cache: Any = field(default=None, repr=False, compare=False)
+    # U content keys (blake2b of the pixels and size), one per unique image: the policy's
+    # frozen-encoder cache is keyed by them, so every batch showing an image (the policy's
+    # rollout, its select / repeat copies, the reverse model's prompts) shares its features.
+    image_keys: list[bytes] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -146,7 +148,7 @@ class PromptBatch:
             indices: prompt positions to keep (repeats allowed).
 
         Returns:
-            A new PromptBatch (sharing this batch's frozen-encoder feature cache).
+            A new PromptBatch (same images and image keys).
         """
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return dataclasses.replace(
@@ -158,7 +160,6 @@ class PromptBatch:
             tasks=[self.tasks[i] for i in idx.tolist()],
             questions=[self.questions[i] for i in idx.tolist()],
             row_indices=[self.row_indices[i] for i in idx.tolist()],
-            _feature_cache=self._feature_cache,
         )
 
     def to(self, device: torch.device | str) -> "PromptBatch":
@@ -173,7 +174,6 @@ class PromptBatch:
             sam_pixel_values=self.sam_pixel_values.to(device),
             image_index=self.image_index.to(device),
             region_grids=self.region_grids.to(device),
-            _feature_cache={},
         )
 
 
@@ -374,6 +374,9 @@ class Sa2VAPolicy:
         self.eos_token_ids = self._collect_eos_ids()
         self.counters: dict[str, int] = {}
         self.reset_counters()
+        # Frozen-encoder outputs per (encoder, model, device, image content), shared by every batch; see `_encode`.
+        self._feature_cache: dict[tuple, tuple[bool, list[torch.Tensor]]] = {}
+        self.feature_cache_size = 512  # entries (one per encoder and image)
         vision, sam_encoder = self.core.vision_model, self.core.grounding_encoder.vision_encoder
         self._hooks = [
             vision.register_forward_pre_hook(self._count_hook("vision", vision), with_kwargs=True),
@@ -572,7 +575,7 @@ class Sa2VAPolicy:
     def _collate(self, entries) -> PromptBatch:
         config = self.core.config
         unique: dict[bytes, int] = {}
-        tiles, sam_tiles, sizes, image_index = [], [], [], []
+        tiles, sam_tiles, sizes, image_index, keys = [], [], [], [], []
         for rgb, *_ in entries:
             key = hashlib.blake2b(rgb.tobytes() + repr(rgb.size).encode(), digest_size=16).digest()
             if key not in unique:
@@ -586,6 +589,7 @@ class Sa2VAPolicy:
                 )
                 sam_tiles.append(sam_pixel_values(rgb, config.sam2_image_size))
                 sizes.append((rgb.height, rgb.width))
+                keys.append(key)
             image_index.append(unique[key])
         # `<image>` (first occurrence: the prompt's start) -> this image's tile tokens.
         users = [
@@ -611,30 +615,55 @@ class Sa2VAPolicy:
             questions=[question for *_, question, _ in entries],
             row_indices=[row for *_, row in entries],
             tiles_per_image=[t.shape[0] for t in tiles],
-            _feature_cache={},
+            image_keys=keys,
         )
 
     # --- model pieces ------------------------------------------------------------------------
     def _on_device(self, batch: PromptBatch) -> PromptBatch:
         return batch if batch.input_ids.device == self.device else batch.to(self.device)
 
+    def clear_feature_cache(self) -> None:
+        """Drop the cached frozen-encoder features (the trainer calls it at each rollout)."""
+        self._feature_cache.clear()
+
     def _encode(self, batch: PromptBatch, name: str, encoder: torch.nn.Module, compute, pixels: torch.Tensor,
                 offsets: list[int]):
         """Encoder features for the images `batch` uses, each row's image index into them, and
         the tile offsets of those images (image u owns features offsets[u]:offsets[u + 1]).
 
-        A frozen encoder (no trainable parameter) runs once per batch over all its unique
-        images and the result is cached on the batch; a trainable one runs on the images the
-        rows use (a `select`ed micro-batch encodes only its own images).
+        A frozen encoder (no trainable parameter) runs only on the batch's images missing from
+        the policy's cache (keyed by encoder, model and image content), so every batch showing an
+        image shares one pass; its output does not depend on the EMA swap, which moves trainable
+        weights only. A trainable one runs on the images the rows use (a `select`ed micro-batch
+        encodes only its own images).
         """
         frozen = not any(p.requires_grad for p in encoder.parameters())
-        cache = batch._feature_cache
-        if frozen and cache is not None:
-            key = (name, id(self.core))
-            if key not in cache:
-                value = compute(pixels)
-                cache[key] = value.detach() if isinstance(value, torch.Tensor) else [v.detach() for v in value]
-            return cache[key], batch.image_index, offsets
+        if frozen and batch.image_keys is not None:
+            keys = [(name, id(self.core), pixels.device, key) for key in batch.image_keys]
+            missing = [u for u, key in enumerate(keys) if key not in self._feature_cache]
+            found = {u: self._feature_cache[keys[u]] for u in range(len(keys)) if u not in missing}
+            if missing:
+                tiles = torch.cat([torch.arange(offsets[u], offsets[u + 1]) for u in missing]).to(pixels.device)
+                value = compute(pixels if len(missing) == len(keys) else pixels[tiles])
+                is_tensor = isinstance(value, torch.Tensor)
+                levels = [value] if is_tensor else list(value)
+                start = 0
+                for u in missing:
+                    stop = start + offsets[u + 1] - offsets[u]
+                    found[u] = (is_tensor, [level[start:stop].detach() for level in levels])
+                    start = stop
+                for u in missing:
+                    self._feature_cache[keys[u]] = found[u]
+                # One generation batch at most is expected between clears; the bound only guards
+                # callers that never clear (oldest entries go first).
+                while len(self._feature_cache) > self.feature_cache_size:
+                    self._feature_cache.pop(next(iter(self._feature_cache)))
+            per_image = [found[u][1] for u in range(len(keys))]
+            levels = [
+                torch.cat([parts[level] for parts in per_image]) if len(per_image) > 1 else per_image[0][level]
+                for level in range(len(per_image[0]))
+            ]
+            return (levels[0] if found[0][0] else levels), batch.image_index, offsets
         used, index = batch.image_index.unique(return_inverse=True)
         if used.numel() == len(offsets) - 1:
             return compute(pixels), batch.image_index, offsets
@@ -644,6 +673,35 @@ class Sa2VAPolicy:
         for u in used:
             kept.append(kept[-1] + offsets[u + 1] - offsets[u])
         return compute(pixels[tiles]), index, kept
+
+    def _sam2_stages(self):
+        """(encoder stage, rest) of `get_sam2_features`: the encoder stage is what `_encode` caches.
+
+        The native `get_sam2_features` also applies the mask decoder's `conv_s0` / `conv_s1` and
+        `no_memory_embedding`, which train with the mask decoder (and differ under the EMA swap);
+        they run after the cache, with the same ops, so cached features stay exact and those
+        layers keep their gradients. Other backends' `get_sam2_features` is the encoder only.
+        """
+        core = self.core
+        sam = getattr(core, "grounding_encoder", None)
+        if not (isinstance(core, Sa2VAModel) and type(core).get_sam2_features is Sa2VAModel.get_sam2_features):
+            return core.get_sam2_features, lambda features: features
+
+        def encode(sam_pixel_values):
+            return list(sam.vision_encoder(sam_pixel_values.to(dtype=sam.dtype), return_dict=True).fpn_hidden_states)
+
+        def finish(levels):
+            # Sam2Model.get_image_features + Sa2VAModel.get_sam2_features after the encoder, op for op.
+            maps = list(levels)
+            count = maps[0].shape[0]
+            maps[0] = sam.mask_decoder.conv_s0(maps[0])
+            maps[1] = sam.mask_decoder.conv_s1(maps[1])
+            maps = [level.flatten(2).permute(2, 0, 1) for level in maps]
+            maps[-1] = maps[-1] + sam.no_memory_embedding
+            sizes = sam.backbone_feature_sizes
+            return [level.permute(1, 2, 0).reshape(count, -1, *size) for level, size in zip(maps, sizes)]
+
+        return encode, finish
 
     def _prompt_embeds(self, batch: PromptBatch) -> torch.Tensor:
         core = self.core
@@ -716,7 +774,7 @@ class Sa2VAPolicy:
         """G completions per prompt in one `generate` call; vision features once per image.
 
         The prompts' embeddings are built once (one vision-tower pass over the unique images;
-        none when the tower is frozen and this batch was encoded before), repeated G times and
+        none for images a frozen tower has already encoded), repeated G times and
         passed to `language_model.generate(inputs_embeds=...)`. Log-probs come from the step
         logits divided by `temperature` (see the module docstring for top-k / top-p). The `[SEG]`
         hidden state is the last-layer state of the step whose input is the first `[SEG]`; when
@@ -828,7 +886,7 @@ class Sa2VAPolicy:
         """The differentiable training forward over (prompt, completion) pairs.
 
         Vision features are computed once per unique image of `batch` (G copies of a prompt
-        share them; a frozen vision tower's output is reused from `sample` on the same batch),
+        share them; a frozen vision tower's output is reused from `sample`),
         the prompt and completion go through the LM in one forward, and the logits are divided
         by `temperature` before the log-softmax, as in `sample`.
 
@@ -873,7 +931,7 @@ class Sa2VAPolicy:
         with `config.multimask_output` the best of 3 masks by predicted IoU is kept. Low-res
         logits are upsampled (bilinear) to each image's size and thresholded at
         `config.mask_threshold` (0 logit). When the SAM2 image encoder is frozen its features
-        are cached on the batch (shared by `batch.select` / `batch.repeat` copies).
+        are cached on the policy per image (shared by every batch showing the image).
 
         Args:
             batch: the prompts, one row per embedding (e.g. `rollout.batch`).
@@ -893,9 +951,11 @@ class Sa2VAPolicy:
             else torch.as_tensor(has_seg, dtype=torch.bool, device=device)
         )
         encoder = self.core.grounding_encoder.vision_encoder
+        compute, finish = self._sam2_stages()
         features, index, _ = self._encode(
-            batch, "sam2", encoder, self.core.get_sam2_features, batch.sam_pixel_values, list(range(batch.num_images + 1))
+            batch, "sam2", encoder, compute, batch.sam_pixel_values, list(range(batch.num_images + 1))
         )
+        features = finish(features)
         low_res, iou, object_scores = self.core.decode_sam2_masks(features, index, prompt_embeddings)
         low_res = torch.where(has_seg[:, None, None], low_res, torch.full_like(low_res, -1e4))
         mask_logits: list[torch.Tensor | None] = [None] * len(batch)
