@@ -33,6 +33,8 @@ from sa2va_trl.compat import maybe_apply_cpu_deepspeed_fix
 logger = logging.getLogger("sa2va_trl.grpo")
 
 TINY_MODEL = "builtin:tiny"
+# The embedded default: the tiny model after the supervised warm start, shipped in sa2va_trl/assets/.
+TINY_WARM_MODEL = "builtin:tiny-warm"
 # Module name suffixes of the parts `Sa2VAScriptArguments.train_*` switch on (native backend names).
 PART_MODULES = {"train_mlp1": "mlp1", "train_text_hidden_fcs": "text_hidden_fcs", "train_mask_decoder": "mask_decoder"}
 # With LoRA, these parts are trained in full through peft's `modules_to_save`; `mlp1` instead gets LoRA adapters on its
@@ -46,8 +48,8 @@ LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 
 def load_model_and_tokenizer(model_args: ModelConfig, training_args):
-    """The model and tokenizer a recipe names. `builtin:tiny` = the tiny random model with a fixed seed (replace this
-    branch when the warm-started tiny checkpoint lands)."""
+    """The model and tokenizer a recipe names. `builtin:tiny-warm` = the shipped warm-started tiny model (the demo's
+    embedded default); `builtin:tiny` = the tiny random model with a fixed seed (tests)."""
     name = model_args.model_name_or_path
     if name in (None, "", TINY_MODEL):
         from sa2va_trl.models.tiny import build_tiny_model
@@ -57,6 +59,10 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args):
         return model.train(), tokenizer
     from sa2va_trl.models.modeling_sa2va import Sa2VAModel
 
+    if name == TINY_WARM_MODEL:
+        from sa2va_trl.sft import tiny_warm_start_path
+
+        name = str(tiny_warm_start_path())
     if not os.path.isdir(name):
         raise ValueError(
             f"model_name_or_path {name!r} is not a local native Sa2VA checkpoint. Convert a published "

@@ -22,11 +22,11 @@ CYCLE = str(ROOT / "recipes" / "cycle.yaml")
 def test_positional_recipe_with_cli_overrides(tmp_path):
     script, training, model = parse_args([DEMO, "--max_steps", "3", "--loops", "mask_to_caption",
                                           "--output_dir", str(tmp_path)])
-    assert training.max_steps == 3  # the CLI wins over the recipe's 30
+    assert training.max_steps == 3  # the CLI wins over the recipe's 100
     assert training.loops == ["mask_to_caption"]
     assert training.num_generations == 4 and training.ema_decay == 0.99  # from the recipe
     assert training.caption_to_mask_rewards == ["cycle_meteor", "mask_iou"]
-    assert model.model_name_or_path == "builtin:tiny" and script.dataset_format == "synthetic"
+    assert model.model_name_or_path == "builtin:tiny-warm" and script.dataset_format == "synthetic"
     assert training.output_dir == str(tmp_path)
 
 
