@@ -192,3 +192,14 @@ def environment() -> dict[str, Any]:
         except ImportError:
             pass
     return info
+
+
+def write_results(output: dict[str, Any], path: str) -> dict[str, Any]:
+    """Write a benchmark's JSON (creating its folder) and say where."""
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(output, indent=1, default=str))
+    print(f"\nwritten to {path}")
+    return output

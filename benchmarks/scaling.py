@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import environment, format_table, loglog_slope, median  # noqa: E402
+from _timing import environment, format_table, loglog_slope, median, write_results  # noqa: E402
 
 BASE = {"generations": 4, "prompts": 2, "image_size": 128, "completion_tokens": 12}
 AXES = {
@@ -168,10 +168,7 @@ def main(argv=None) -> dict:
               "memory_method": "resource.getrusage(RUSAGE_SELF).ru_maxrss in a fresh subprocess per run: after "
                                "training minus after building the trainer and loading WordNet",
               "axes": summary, "runs": runs}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(output, indent=1, default=str))
-    print(f"\nwritten to {args.output}")
-    return output
+    return write_results(output, args.output)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import Timer, environment, format_table, median  # noqa: E402
+from _timing import Timer, environment, format_table, median, write_results  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 
 PARTS = ("generation", "reverse_pass", "sam2_decode", "logprob_forward", "reference_forward", "backward",
@@ -275,10 +274,7 @@ def main(argv=None) -> dict:
     output = {"command": "python benchmarks/" + Path(__file__).name + " " + " ".join(argv or sys.argv[1:]),
               "settings": vars(args), "environment": environment(), "targets": TARGETS, "checks": checks,
               "results": results}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(output, indent=1, default=str))
-    print(f"\nwritten to {args.output}")
-    return output
+    return write_results(output, args.output)
 
 
 if __name__ == "__main__":

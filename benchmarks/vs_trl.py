@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import Timer, environment, format_table, median  # noqa: E402
+from _timing import Timer, environment, format_table, median, write_results  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 
 TARGET_RATIO = 1.15
@@ -255,10 +254,7 @@ def main(argv=None) -> dict:
                        [[p, part_seconds[p], 100 * part_fraction[p]] for p in OUR_PARTS]))
     output = {"command": "python benchmarks/" + Path(__file__).name + " " + " ".join(argv or sys.argv[1:]),
               "settings": vars(args), "environment": environment(), "result": result}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(output, indent=1, default=str))
-    print(f"\nwritten to {args.output}")
-    return output
+    return write_results(output, args.output)
 
 
 if __name__ == "__main__":
