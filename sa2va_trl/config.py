@@ -143,6 +143,21 @@ class Sa2VAGRPOConfig(GRPOConfig):
         },
     )
 
+    mask_pixel_action: bool = field(
+        default=False,
+        metadata={
+            "help": "Loop 2 samples every pixel of the mask from Bernoulli(sigmoid(logit / mask_pixel_temperature)) "
+            "of the SAM2 decoder's logits (upsampled to the image), and adds the mean per-pixel log-probability to "
+            "the log-prob of the [SEG] token. This is the only way the mask decoder itself gets policy gradient (the "
+            "prompt action reaches text_hidden_fcs and the LLM only). The greedy mask is its mode. See "
+            "`sa2va_trl.mask_actions`."
+        },
+    )
+    mask_pixel_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature of the pixel action: above 1 flips more boundary pixels (more exploration)."},
+    )
+
     # Logging
     sample_overlay_steps: int = field(
         default=0,
@@ -219,6 +234,13 @@ class Sa2VAGRPOConfig(GRPOConfig):
                 f"`mask_action_sigma` must be > 0 with `mask_action` on, got {self.mask_action_sigma}; or set "
                 "`mask_action: false`."
             )
+        if self.mask_pixel_action and not (self.mask_pixel_temperature > 0 and math.isfinite(self.mask_pixel_temperature)):
+            raise ValueError(f"`mask_pixel_temperature` must be > 0, got {self.mask_pixel_temperature}.")
+
+    @property
+    def any_mask_action(self) -> bool:
+        """Whether loop 2's masks are sampled (prompt or pixel action), i.e. carry a log-probability."""
+        return bool(self.mask_action or self.mask_pixel_action)
 
     def _check_unsupported(self) -> None:
         if self.sync_ref_model:

@@ -33,6 +33,13 @@ from trl import GRPOTrainer
 
 from sa2va_trl.config import CAPTION_TO_MASK, LOOPS, MASK_TO_CAPTION, Sa2VAGRPOConfig
 from sa2va_trl.ema import EMACallback
+from sa2va_trl.mask_actions import (
+    flip_fraction,
+    pixel_action_logprob,
+    prompt_action_logprob,
+    sample_pixel_action,
+    sample_prompt_action,
+)
 from sa2va_trl.models.adapter import Sa2VAPolicy
 from sa2va_trl.models.image_processing import Sa2VAInputError, mask_to_token_grid
 from sa2va_trl.rewards.checks import checked_reward, reward_name
@@ -49,7 +56,6 @@ SEG_TOKEN = "[SEG]"
 SAMPLE_INDEX_KEY = "sa2va_sample_index"
 
 # Lowest tempered log-density of a mask action (nats); see `_add_mask_action_logdensity`.
-MASK_ACTION_LOGDENSITY_FLOOR = -30.0
 
 #: TRL 1.16 methods this class overrides; `tests/test_trainer_overrides.py` fails if TRL renames one of them.
 OVERRIDDEN_TRL_METHODS = (
@@ -345,6 +351,7 @@ class _LoopRollout:
     positions: list[int]  # sample positions (in the generation batch) of the rows of `batch`
     seg_action: torch.Tensor | None = None  # (n, D) sampled SAM2 prompt embeddings (loop 2, mask action on)
     seg_scale: torch.Tensor | None = None  # (n,) standard deviation used for each sample
+    pixel_action: list[torch.Tensor] | None = None  # n sampled (H_i, W_i) bool masks (loop 2, pixel action on)
     has_seg: torch.Tensor | None = None  # (n,) bool
 
 
@@ -634,21 +641,26 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         )
 
     def _decode_loop2_masks(self, rollout, loop: _LoopRollout) -> list[np.ndarray]:
-        """Masks of the loop-2 samples; with the mask action, from e ~ N(mu, sigma^2 I) around mu = seg_embeddings."""
+        """Masks of the loop-2 samples: the greedy masks of the prompt embeddings, or samples of the mask actions
+        (`sa2va_trl.mask_actions`): the prompt e ~ N(mu, sigma^2 I) and/or every pixel ~ Bernoulli."""
         mu = self.policy.seg_embeddings(rollout.seg_hidden).float()
         prompt_embeddings = mu
         loop.has_seg = rollout.has_seg.detach().cpu()
+        mode = "train" if self.model.training else "eval"
         if self.args.mask_action:
-            scale = torch.full(mu.shape[:1], float(self.args.mask_action_sigma), device=mu.device)
-            prompt_embeddings = mu + scale.unsqueeze(-1) * torch.randn_like(mu)
+            prompt_embeddings, loop.seg_scale = sample_prompt_action(mu, self.args.mask_action_sigma)
             loop.seg_action = prompt_embeddings.detach()
-            loop.seg_scale = scale
             if rollout.has_seg.any():  # diagnostics, this rank only: compare sigma with the scale of mu
-                mode = "train" if self.model.training else "eval"
                 rms = mu.pow(2).mean(dim=-1).sqrt()
                 self._metrics[mode]["mask_action/mu_rms"].append(rms[rollout.has_seg].mean().item())
-        masks = self.policy.decode_masks(rollout.batch, prompt_embeddings.to(rollout.seg_hidden.dtype), has_seg=rollout.has_seg)
-        return masks.numpy_masks()
+        out = self.policy.decode_masks(rollout.batch, prompt_embeddings.to(rollout.seg_hidden.dtype), has_seg=rollout.has_seg)
+        if not self.args.mask_pixel_action:
+            return out.numpy_masks()
+        masks = sample_pixel_action(out.mask_logits, self.args.mask_pixel_temperature)
+        masks = [m & bool(seg) for m, seg in zip(masks, rollout.has_seg.tolist())]
+        loop.pixel_action = [m.cpu() for m in masks]
+        self._metrics[mode]["mask_action/pixel_flip_frac"].append(flip_fraction(out.mask_logits, masks))
+        return [m.cpu().numpy() for m in masks]
 
     # --- evaluation -------------------------------------------------------------------------------------------------
 
@@ -834,7 +846,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                     continue
                 index_of = {p: j for j, p in enumerate(loop.positions)}
                 local = [index_of[positions[r]] for r in rows]
-                action = task == CAPTION_TO_MASK and self.args.mask_action and loop.seg_action is not None
+                action = task == CAPTION_TO_MASK and (loop.seg_action is not None or loop.pixel_action is not None)
                 out = self.policy.completion_logprobs(
                     loop.batch.select(local).to(completion_ids.device),
                     completion_ids[rows],
@@ -858,16 +870,20 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         return logps, entropies, aux_loss
 
     def _add_mask_action_logdensity(self, logps, out, loop: _LoopRollout, local: list[int], completion_ids):
+        """Add each loop-2 sample's mask-action log-probability (prompt and/or pixel action, tempered; see
+        `sa2va_trl.mask_actions`) to the log-prob of its first `[SEG]` token."""
         mu = self.policy.seg_embeddings(out.seg_hidden).float()
-        action = loop.seg_action[local].to(mu.device)
-        scale = loop.seg_scale[local].to(mu.device).unsqueeze(-1)
-        # Tempered log-density: the Gaussian's, divided by the action dimension D, so one mask action weighs like one
-        # token in TRL's ratio and KL (a full D-dim log-density moves by hundreds of nats for small changes of mu
-        # and overflows exp()). The gradient keeps the direction of the true score (e - mu) / sigma^2.
-        # The floor keeps exp() of ratios and KL finite when mu has moved many sigmas away from a sampled action
-        # (that sample then stops pulling mu; the others still do).
-        log_density = (-0.5 * ((action - mu) / scale).pow(2).mean(dim=-1)).clamp(min=MASK_ACTION_LOGDENSITY_FLOOR)
         has_seg = loop.has_seg[local].to(mu.device)
+        log_density = torch.zeros(mu.shape[0], device=mu.device)
+        prompt = mu
+        if loop.seg_action is not None:
+            prompt = loop.seg_action[local].to(mu.device)
+            log_density = log_density + prompt_action_logprob(prompt, mu, loop.seg_scale[local].to(mu.device))
+        if loop.pixel_action is not None:
+            # The decoder sees the prompt the sample was decoded from (mu itself without the prompt action).
+            masks = self.policy.decode_masks(loop.batch.select(local), prompt.to(out.seg_hidden.dtype), has_seg=has_seg)
+            actions = [loop.pixel_action[j] for j in local]
+            log_density = log_density + pixel_action_logprob(masks.mask_logits, actions, self.args.mask_pixel_temperature)
         is_seg = completion_ids == self.seg_token_id
         seg_pos = is_seg.float().argmax(dim=1)  # first [SEG]
         has_seg = has_seg & is_seg.any(dim=1)
@@ -906,6 +922,8 @@ def _loop_reward_weights(args: Sa2VAGRPOConfig, reward_funcs: dict[str, list]) -
     """TRL's `reward_weights` for `{loop: [reward, ...]}`: each loop's configured weights, in `LOOPS` order."""
     weights = []
     for loop in LOOPS:
+        if loop not in args.loops:  # a loop switched off (e.g. `--loops mask_to_caption`) keeps its recipe weights
+            continue
         funcs = reward_funcs.get(loop, [])
         _, loop_weights = args.loop_rewards(loop)
         configured = getattr(args, f"{loop}_reward_weights")

@@ -328,12 +328,13 @@ def test_trl_loss_types_run_on_the_adapter_logprobs(tmp_path, loss_type):
     assert trainer.model.language_model.lm_head.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mask_action", [False, True])
-def test_identical_seg_answers_give_distinct_masks_only_with_the_mask_action(tmp_path, mask_action):
+@pytest.mark.parametrize("mask_action,pixel_action", [(False, False), (True, False), (False, True)])
+def test_identical_seg_answers_give_distinct_masks_only_with_a_mask_action(tmp_path, mask_action, pixel_action):
     from sa2va_trl.models.adapter import Rollout
     from sa2va_trl.trainer import _LoopRollout
 
-    trainer = make_trainer(tmp_path, mask_action=mask_action)
+    # a hot pixel action: the random tiny decoder's logits are near 0 only on few pixels
+    trainer = make_trainer(tmp_path, mask_action=mask_action, mask_pixel_action=pixel_action, mask_pixel_temperature=50.0)
     row = shapes_dataset(1, seed=0)[0]
     batch = trainer.policy.segmentation_prompts([row["img"]], [row["caption"]]).repeat(8)
     hidden = torch.randn(1, trainer.model.config.llm_config.hidden_size).repeat(8, 1)  # 8 identical [SEG] states
@@ -343,7 +344,41 @@ def test_identical_seg_answers_give_distinct_masks_only_with_the_mask_action(tmp
     with torch.no_grad():
         masks = trainer._decode_loop2_masks(rollout, _LoopRollout(batch=batch, positions=list(range(8))))
     distinct = {m.tobytes() for m in masks}
-    assert (len(distinct) > 1) == mask_action  # without the action the group's masks, hence rewards, are equal
+    # without an action the group's masks, hence rewards, are equal
+    assert (len(distinct) > 1) == (mask_action or pixel_action)
+
+
+def test_pixel_action_log_probability_reaches_the_mask_decoder(tmp_path):
+    """The prompt action trains text_hidden_fcs only; the pixel action's log-prob is what trains the SAM2 decoder."""
+    from sa2va_trl.mask_actions import pixel_action_logprob
+    from sa2va_trl.models.adapter import Rollout
+    from sa2va_trl.trainer import _LoopRollout
+
+    trainer = make_trainer(tmp_path, mask_action=False, mask_pixel_action=True, mask_pixel_temperature=5.0)
+    row = shapes_dataset(1, seed=0)[0]
+    batch = trainer.policy.segmentation_prompts([row["img"]], [row["caption"]]).repeat(2)
+    hidden = torch.randn(1, trainer.model.config.llm_config.hidden_size).repeat(2, 1)
+    rollout = Rollout(batch=batch, completion_ids=None, completion_mask=None, logprobs=None, seg_hidden=hidden,
+                      has_seg=torch.tensor([True, False]), is_truncated=None, completions=[""] * 2, num_generations=2)
+    loop = _LoopRollout(batch=batch, positions=[0, 1])
+    with torch.no_grad():
+        masks = trainer._decode_loop2_masks(rollout, loop)
+    assert masks[0].shape == np.asarray(row["img"]).shape[:2] and not masks[1].any()  # no [SEG]: empty mask
+    assert all(np.array_equal(m, a.numpy()) for m, a in zip(masks, loop.pixel_action))  # rewards see the action
+
+    seg = trainer.seg_token_id
+    completion_ids = torch.tensor([[5, seg, 6], [5, 6, 7]])
+    hidden_grad = hidden.clone().requires_grad_(True)
+    out = type("Out", (), {"seg_hidden": hidden_grad})()
+    logps = trainer._add_mask_action_logdensity(torch.zeros(2, 3), out, loop, [0, 1], completion_ids)
+    decoded = trainer.policy.decode_masks(batch, trainer.policy.seg_embeddings(hidden).detach())
+    expected = pixel_action_logprob(decoded.mask_logits[:1], loop.pixel_action[:1], 5.0)[0]
+    torch.testing.assert_close(logps[0, 1], expected)
+    assert logps[0, [0, 2]].abs().sum() == 0 and logps[1].abs().sum() == 0
+    logps.sum().backward()
+    decoder_grads = [p.grad for p in trainer.model.grounding_encoder.mask_decoder.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in decoder_grads)
+    assert hidden_grad.grad is not None and hidden_grad.grad.abs().sum() > 0  # and, through mu, the [SEG] state
 
 
 def test_frozen_encoders_run_once_per_unique_image_per_step(tmp_path):
@@ -368,3 +403,10 @@ def test_frozen_encoders_run_once_per_unique_image_per_step(tmp_path):
     counters = trainer.policy.counters
     assert unique and counters["vision_images"] == len(unique)
     assert 0 < counters["sam_encoder_images"] <= len(unique)
+
+
+def test_switching_a_loop_off_ignores_its_recipe_reward_weights(tmp_path):
+    """`--loops mask_to_caption` on a recipe that also weights loop 2's rewards trains loop 1 alone."""
+    trainer = make_trainer(tmp_path, loops=[MASK_TO_CAPTION], mask_to_caption_reward_weights=[0.7],
+                           caption_to_mask_reward_weights=[1.0, 0.5], rewards={MASK_TO_CAPTION: [hash_reward]})
+    assert trainer.reward_weights.tolist() == pytest.approx([0.7])

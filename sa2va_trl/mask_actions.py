@@ -1,0 +1,76 @@
+"""Stochastic mask actions of loop 2: how a sampled mask gets a log-probability the policy gradient can use.
+
+A mask comes from the text through two deterministic maps, `text_hidden_fcs` ([SEG] state -> SAM2 prompt
+embedding mu) and the SAM2 mask decoder (prompt -> mask logits). A policy gradient reaches only what sits before a
+sampled choice, so the trainer can sample at two places; each sample's log-probability joins the log-prob of its
+`[SEG]` token:
+
+- the prompt action: e ~ N(mu, sigma^2 I). Trains the `[SEG]` state and `text_hidden_fcs` (not the decoder).
+- the pixel action: every pixel of the mask ~ Bernoulli(sigmoid(logit / tau)) of the decoder's upsampled logits.
+  Trains the mask decoder too (and, through the logits, everything before it). Its mode is the greedy mask that
+  evaluation uses, so what the rewards score and what evaluation measures are the same object.
+
+Both log-probabilities are divided by their dimension (embedding size, pixel count), so one mask action weighs about
+like one token in TRL's importance ratio and KL; the score keeps its direction, and Adam rescales the step of
+parameters that only the mask action reaches (the decoder).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: Floor of a tempered mask-action log-probability: keeps exp() of ratios and KL finite when the policy has moved
+#: far from a sampled action (that sample stops pulling; the others still do).
+LOGPROB_FLOOR = -30.0
+
+
+def sample_prompt_action(mu: torch.Tensor, sigma: float, generator: torch.Generator | None = None):
+    """e ~ N(mu, sigma^2 I) per row of `mu` (N, D). Returns (e, per-row sigma (N,))."""
+    scale = torch.full(mu.shape[:1], float(sigma), device=mu.device, dtype=mu.dtype)
+    noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + scale.unsqueeze(-1) * noise, scale
+
+
+def prompt_action_logprob(action: torch.Tensor, mu: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Tempered Gaussian log-density -||e - mu||^2 / (2 sigma^2 D) of each row, without the constant (it cancels in
+    every ratio and KL). (N,)"""
+    log_density = -0.5 * ((action - mu) / scale.unsqueeze(-1)).pow(2).mean(dim=-1)
+    return log_density.clamp(min=LOGPROB_FLOOR)
+
+
+def sample_pixel_action(
+    mask_logits: Sequence[torch.Tensor], temperature: float, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """One Bernoulli(sigmoid(logit / temperature)) draw per pixel of each (H_i, W_i) logit map; bool masks."""
+    if temperature <= 0:
+        raise ValueError(f"the pixel action's temperature must be > 0, got {temperature}")
+    masks = []
+    for logits in mask_logits:
+        probs = torch.sigmoid(logits.detach().float() / temperature)
+        masks.append(torch.rand(probs.shape, generator=generator, device=probs.device) < probs)
+    return masks
+
+
+def pixel_action_logprob(
+    mask_logits: Sequence[torch.Tensor], actions: Sequence[torch.Tensor], temperature: float
+) -> torch.Tensor:
+    """Mean over pixels of log Bernoulli(action | sigmoid(logit / temperature)), per mask. (N,), differentiable."""
+    if len(mask_logits) != len(actions):
+        raise ValueError(f"{len(mask_logits)} logit maps but {len(actions)} sampled masks")
+    values = []
+    for logits, action in zip(mask_logits, actions):
+        if logits.shape != action.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and sampled mask {tuple(action.shape)} differ in size")
+        target = action.to(device=logits.device, dtype=torch.float32)
+        values.append(-F.binary_cross_entropy_with_logits(logits.float() / temperature, target))
+    return torch.stack(values).clamp(min=LOGPROB_FLOOR)
+
+
+def flip_fraction(mask_logits: Sequence[torch.Tensor], actions: Sequence[torch.Tensor]) -> float:
+    """Fraction of pixels where the sampled mask differs from the mode (logit > 0): how much the action explores."""
+    differ = sum(int(((logits.detach() > 0) != action.to(logits.device)).sum()) for logits, action in zip(mask_logits, actions))
+    total = sum(action.numel() for action in actions)
+    return differ / total if total else 0.0

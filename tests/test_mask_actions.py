@@ -1,0 +1,63 @@
+"""The loop-2 mask actions: samples follow their distributions and the log-probabilities are the right ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sa2va_trl.mask_actions import (
+    LOGPROB_FLOOR,
+    flip_fraction,
+    pixel_action_logprob,
+    prompt_action_logprob,
+    sample_pixel_action,
+    sample_prompt_action,
+)
+
+
+def test_pixel_action_samples_each_pixel_with_its_sigmoid_probability():
+    logits = torch.tensor([[-2.0, 0.0], [1.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_pixel_action([logits], 1.0, generator=g)[0].float() for _ in range(4000)])
+    torch.testing.assert_close(draws.mean(0), torch.sigmoid(logits), atol=0.03, rtol=0)
+    hot = torch.stack([sample_pixel_action([logits], 4.0, generator=g)[0].float() for _ in range(4000)])
+    torch.testing.assert_close(hot.mean(0), torch.sigmoid(logits / 4.0), atol=0.03, rtol=0)
+
+
+def test_pixel_action_logprob_is_the_mean_bernoulli_log_probability_and_trains_the_logits():
+    logits = torch.tensor([[-2.0, 0.5], [1.0, 3.0]], requires_grad=True)
+    action = torch.tensor([[False, True], [False, True]])
+    tau = 2.0
+    p = torch.sigmoid(logits.detach() / tau)
+    expected = torch.where(action, p.log(), (1 - p).log()).mean()
+    value = pixel_action_logprob([logits], [action], tau)
+    torch.testing.assert_close(value[0], expected)
+    value.sum().backward()
+    # d/dlogit of the mean log-prob = (action - p) / (tau * n): up where the sample said 1, down where it said 0
+    torch.testing.assert_close(logits.grad, (action.float() - p) / (tau * 4))
+
+
+def test_pixel_action_refuses_mismatched_sizes_and_bad_temperature():
+    with pytest.raises(ValueError, match="differ in size"):
+        pixel_action_logprob([torch.zeros(4, 4)], [torch.zeros(4, 5, dtype=torch.bool)], 1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_pixel_action([torch.zeros(2, 2)], 0.0)
+
+
+def test_confident_logits_give_the_mode_and_the_flip_fraction_counts_departures():
+    logits = torch.tensor([[-50.0, 50.0], [50.0, -50.0]])
+    sample = sample_pixel_action([logits], 1.0)[0]
+    assert torch.equal(sample, logits > 0)
+    assert flip_fraction([logits], [sample]) == 0.0
+    assert flip_fraction([logits], [~sample]) == 1.0
+    assert pixel_action_logprob([logits], [~sample], 1.0)[0] == LOGPROB_FLOOR  # floored, not -50
+
+
+def test_prompt_action_log_density_is_the_tempered_gaussian():
+    mu = torch.randn(3, 8, requires_grad=True)
+    action, scale = sample_prompt_action(mu.detach(), 0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(scale, torch.full((3,), 0.5))
+    value = prompt_action_logprob(action, mu, scale)
+    torch.testing.assert_close(value, -0.5 * ((action - mu.detach()) / 0.5).pow(2).mean(-1))
+    value.sum().backward()
+    torch.testing.assert_close(mu.grad, (action - mu.detach()) / (0.25 * 8))  # the score, divided by D
