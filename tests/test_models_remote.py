@@ -11,26 +11,17 @@ Two parts:
 - `@pytest.mark.official`: runs when SA2VA_OFFICIAL_CODE points at a local copy of the
   published HF model code (the `*.py` of a `ByteDance/Sa2VA-*` repo, or
   `projects/sa2va/hf/models/` of github bytedance/Sa2VA). It builds a tiny model from that code
-  on the CPU (random weights; SAM2's Hiera-L image encoder swapped for a 5-block Hiera of the
-  same code, because the hard-coded Hiera-L takes ~40 s per image on 2 cores) and checks the
-  backend against the published forward, the published SAM2 inference and the converter.
-  The published code imports torchvision and timm; where they are not importable (torchvision
-  breaks transformers in this project's environment) tiny stand-in modules are put in
-  `sys.modules` while the code is imported, then removed. They only provide the names the
-  imports need; the functions raise if called (only `predict_forward` / `preparing_for_generation`
-  use them, and neither is used here).
+  on the CPU (tests/published_sa2va.py: random weights, a small SAM2 image encoder of the same
+  code, import-time stand-ins for torchvision / timm) and checks the backend against the
+  published forward, the published SAM2 inference and the converter.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
-import shutil
 import sys
-import types
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -52,6 +43,18 @@ from sa2va_trl.models.remote import (
     resolve_template,
 )
 
+sys.path.insert(0, os.path.dirname(__file__))
+from published_sa2va import (  # noqa: E402
+    build_tiny_published,
+    load_tiny_published_checkpoint,
+    official,
+    write_published_checkpoint,
+)
+from published_sa2va import favour_seg_and_eos as _favour_seg_and_eos  # noqa: E402
+from published_sa2va import official_classes as _official_classes  # noqa: E402
+from published_sa2va import stand_ins_installed as _stand_ins_installed  # noqa: E402
+from published_sa2va import use_small_image_encoder as _use_small_image_encoder  # noqa: E402
+
 # float32 tolerances, stated once (measured on the tiny models, 2 CPU cores, torch 2.13 /
 # transformers 5.23: <= 1e-6 for log-probs and [SEG] states, <= 1e-8 for mask logits).
 # Recomputed vs sampled log-probs of the same weights, and ours vs the published forward:
@@ -70,15 +73,6 @@ def _image_and_mask(height=90, width=150, seed=0):
     mask = np.zeros((height, width), bool)
     mask[20:70, 30:110] = True
     return image, mask
-
-
-def _favour_seg_and_eos(language_model, tokenizer, seg_bias=4.0, eos_bias=4.0):
-    """Give the LM head a bias so sampled replies hold [SEG] and end (a real nn.Linear bias)."""
-    head = language_model.get_output_embeddings()
-    head.bias = nn.Parameter(torch.zeros(head.out_features))
-    with torch.no_grad():
-        head.bias[tokenizer.convert_tokens_to_ids("[SEG]")] = seg_bias
-        head.bias[tokenizer.eos_token_id] = eos_bias
 
 
 # =============================================================================================
@@ -376,79 +370,8 @@ def test_ensure_post_init_calls_it_once_and_is_idempotent():
 # Part 2: the published code (SA2VA_OFFICIAL_CODE)
 # =============================================================================================
 
-OFFICIAL_ENV = "SA2VA_OFFICIAL_CODE"
-official = pytest.mark.official
-
-
-def _official_dir() -> Path:
-    path = os.environ.get(OFFICIAL_ENV)
-    if not path:
-        pytest.skip(f"{OFFICIAL_ENV} is unset: point it at a local copy of the published Sa2VA HF model code "
-                    "(modeling_sa2va_chat.py, sam2.py, ...) to run the checks against the published code")
-    path = Path(path)
-    if not (path / "modeling_sa2va_chat.py").is_file():
-        pytest.fail(f"{OFFICIAL_ENV}={path} holds no modeling_sa2va_chat.py")
-    pytest.importorskip("einops", reason="the published InternViT / InternLM2 code imports einops (pip install einops)")
-    return path
-
-
-def _stand_in_modules() -> dict[str, types.ModuleType]:
-    """Import-time stand-ins for torchvision / timm (only the names the published imports use)."""
-
-    def unavailable(*args, **kwargs):
-        raise RuntimeError("torchvision stand-in of the tests: the published preprocessing is not used here")
-
-    modules = {}
-    if importlib.util.find_spec("torchvision") is None:
-        root, transforms, functional = (types.ModuleType(n) for n in
-                                        ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"))
-        for name in ("Compose", "Lambda", "Resize", "ToTensor", "Normalize"):
-            setattr(transforms, name, unavailable)
-        functional.InterpolationMode = SimpleNamespace(BICUBIC="bicubic", BILINEAR="bilinear", NEAREST="nearest")
-        functional.resize = functional.to_pil_image = unavailable
-        root.transforms, transforms.functional = transforms, functional
-        modules.update({m.__name__: m for m in (root, transforms, functional)})
-    if importlib.util.find_spec("timm") is None:
-        timm, models, layers = (types.ModuleType(n) for n in ("timm", "timm.models", "timm.models.layers"))
-
-        class DropPath(nn.Module):  # only built when drop_path_rate > 0, never in these tests
-            def __init__(self, *args, **kwargs):
-                raise RuntimeError("timm stand-in of the tests: DropPath is not available")
-
-        layers.DropPath = DropPath
-        timm.models, models.layers = models, layers
-        modules.update({m.__name__: m for m in (timm, models, layers)})
-    return modules
-
-
-@contextlib.contextmanager
-def _stand_ins_installed():
-    modules = _stand_in_modules()
-    sys.modules.update(modules)
-    try:
-        yield
-    finally:
-        for name in modules:
-            sys.modules.pop(name, None)
-
-
-def _official_classes(code_dir: Path):
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-    with _stand_ins_installed():
-        config_class = get_class_from_dynamic_module("configuration_sa2va_chat.Sa2VAChatConfig", str(code_dir))
-        model_class = get_class_from_dynamic_module("modeling_sa2va_chat.Sa2VAChatModel", str(code_dir))
-    sam2_module = sys.modules[model_class.__module__.rsplit(".", 1)[0] + ".sam2"]
-    return config_class, model_class, sam2_module
-
-
-# The small SAM2 image encoder that replaces Hiera-L in the tiny model (same code, same neck
-# width 256, same 1024 px input and 64 x 64 embedding) and its transformers `Sam2Config` twin.
-SMALL_HIERA = dict(embed_dim=16, num_heads=1, stages=[1, 1, 2, 1], global_att_blocks=[3],
-                   window_pos_embed_bkg_spatial_size=[7, 7], window_spec=[8, 4, 4, 2])
-
-
 def _small_sam2_config() -> dict:
+    """The transformers `Sam2Config` twin of the small Hiera of the tiny published model (`SMALL_HIERA`)."""
     from sa2va_trl.convert.config import hiera_large_sam2_config
 
     config = hiera_large_sam2_config()
@@ -460,46 +383,10 @@ def _small_sam2_config() -> dict:
     return config
 
 
-def _tiny_published_config(config_class, tokenizer):
-    return config_class(
-        vision_config=dict(architectures=["InternVisionModel"], image_size=112, patch_size=14, hidden_size=64,
-                           num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, qkv_bias=True,
-                           qk_normalization=False, norm_type="layer_norm", use_flash_attn=False),
-        llm_config=dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=len(tokenizer),
-                        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False),
-        template="qwen_chat", force_image_size=112, downsample_ratio=0.5, ps_version="v2", select_layer=-1,
-        dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=4,
-        architectures=["Sa2VAChatModel"],
-    )
-
-
-def _use_small_image_encoder(patch: pytest.MonkeyPatch, sam2_module) -> None:
-    """Make the published `SAM2` build the small Hiera (of its own code) instead of Hiera-L."""
-
-    def small_image_encoder(self):
-        trunk = sam2_module.Hiera(**SMALL_HIERA)
-        position = sam2_module.PositionEmbeddingSine(num_pos_feats=256, normalize=True, scale=None, temperature=10000)
-        neck = sam2_module.FpnNeck(d_model=256, position_encoding=position, backbone_channel_list=[128, 64, 32, 16],
-                                   fpn_top_down_levels=[2, 3], fpn_interp_model="nearest")
-        return sam2_module.ImageEncoder(scalp=1, trunk=trunk, neck=neck)
-
-    patch.setattr(sam2_module.SAM2, "build_image_encoder", small_image_encoder)
-
-
 @pytest.fixture(scope="module")
 def published(tokenizer):
     """(model, sam2 module, code dir): a tiny published Sa2VAChatModel, float32, CPU, random weights."""
-    code_dir = _official_dir()
-    config_class, model_class, sam2_module = _official_classes(code_dir)
-    ensure_post_init(model_class)
-    with pytest.MonkeyPatch.context() as patch:
-        _use_small_image_encoder(patch, sam2_module)
-        torch.manual_seed(0)
-        model = model_class(_tiny_published_config(config_class, tokenizer)).eval()
-    # Random weights: bias the LM head towards [SEG] and eos so samples hold [SEG] and end.
-    _favour_seg_and_eos(model.language_model, tokenizer)
-    return model, sam2_module, code_dir
+    return build_tiny_published(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -582,13 +469,7 @@ def test_official_checkpoint_loads_through_load_published_sa2va(published, tmp_p
     from sa2va_trl.models.remote import load_published_sa2va
 
     model, _, code_dir = published
-    model.save_pretrained(tmp_path)
-    for source in code_dir.glob("*.py"):
-        shutil.copy(source, tmp_path / source.name)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
-                          "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_published_checkpoint(model, code_dir, tmp_path)
     # The copied code is a new dynamic module: give its SAM2 the small image encoder too.
     _, model_class, sam2_module = _official_classes(tmp_path)
     with _stand_ins_installed(), pytest.MonkeyPatch.context() as patch:
@@ -605,6 +486,17 @@ def test_official_checkpoint_loads_through_load_published_sa2va(published, tmp_p
     assert sorted(reloaded) == sorted(saved)
     for key, tensor in saved.items():
         torch.testing.assert_close(reloaded[key], tensor, rtol=0, atol=0, msg=key)
+    # Loaded models save like AutoModel-loaded ones: the code and `auto_map` go along, so a trained
+    # model's directory (`save_model`, the EMA model) loads the same way.
+    resaved = tmp_path / "resaved"
+    loaded.save_pretrained(resaved)
+    for name in ("modeling_sa2va_chat.py", "sam2.py", "modeling_intern_vit.py", "templates.py"):
+        assert (resaved / name).is_file(), name
+    assert json.loads((resaved / "config.json").read_text())["auto_map"]["AutoModel"].endswith("Sa2VAChatModel")
+    again = load_tiny_published_checkpoint(resaved).state_dict()
+    assert sorted(again) == sorted(reloaded)
+    for key, tensor in reloaded.items():
+        torch.testing.assert_close(again[key], tensor, rtol=0, atol=0, msg=key)
 
 
 @official

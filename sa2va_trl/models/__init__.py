@@ -8,6 +8,7 @@ from .adapter import LogprobOutput, MaskOutput, PromptBatch, Rollout, Sa2VAPolic
 from .configuration_sa2va import CHAT_TEMPLATES, MODEL_TYPE, Sa2VAConfig
 from .image_processing import Sa2VAInputError
 from .modeling_sa2va import Sa2VAModel
+from .remote import RemoteSa2VAPolicy, is_published_sa2va, load_published_sa2va, policy_class_for
 from .tiny import build_tiny_model, tiny_sa2va_config
 from .tokenizer import build_tiny_tokenizer
 
@@ -17,6 +18,7 @@ __all__ = [
     "MODEL_TYPE",
     "MaskOutput",
     "PromptBatch",
+    "RemoteSa2VAPolicy",
     "Rollout",
     "Sa2VAConfig",
     "Sa2VAInputError",
@@ -24,5 +26,8 @@ __all__ = [
     "Sa2VAPolicy",
     "build_tiny_model",
     "build_tiny_tokenizer",
+    "is_published_sa2va",
+    "load_published_sa2va",
+    "policy_class_for",
     "tiny_sa2va_config",
 ]

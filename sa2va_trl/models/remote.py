@@ -523,7 +523,8 @@ def load_published_sa2va(path, dtype: torch.dtype | None = None, device=None, **
         **kwargs: passed to `from_pretrained`.
 
     Returns:
-        The published model in eval mode.
+        The published model in eval mode. Its class is registered for `AutoModel`, so its
+        `save_pretrained` writes the modeling code and `auto_map` too (as after `AutoModel`).
 
     Raises:
         ValueError: the config has no `auto_map` entry for AutoModel (not a remote-code checkpoint).
@@ -536,9 +537,35 @@ def load_published_sa2va(path, dtype: torch.dtype | None = None, device=None, **
     if reference is None:
         raise ValueError(f"{path}: config.json has no auto_map['AutoModel']; is this a published Sa2VA checkpoint?")
     model_class = ensure_post_init(get_class_from_dynamic_module(reference, path))
+    # As `AutoModel.from_pretrained` does: `save_pretrained` then copies the modeling code next to the
+    # weights and writes `auto_map`, so a trained model's directory loads the same way.
+    model_class.register_for_auto_class("AutoModel")
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = model_class.from_pretrained(path, config=config, **kwargs)
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def is_published_sa2va(model) -> bool:
+    """Whether `model` (possibly PEFT-wrapped) has the published InternVL-based Sa2VA layout.
+
+    The published `Sa2VAChatModel` keeps SAM2 as `grounding_encoder.sam2_model` (facebookresearch
+    names); the native `Sa2VAModel` has a transformers `Sam2Model` as `grounding_encoder`.
+    """
+    core = _unwrap(model)
+    return all(hasattr(core, name) for name in ("vision_model", "mlp1", "language_model", "text_hidden_fcs")) and (
+        hasattr(getattr(core, "grounding_encoder", None), "sam2_model")
+    )
+
+
+def policy_class_for(model) -> type[Sa2VAPolicy]:
+    """The adapter class for a model: `RemoteSa2VAPolicy` for a published one, else `Sa2VAPolicy`.
+
+    Example:
+        >>> from sa2va_trl.models import build_tiny_model
+        >>> policy_class_for(build_tiny_model(seed=0)[0]).__name__
+        'Sa2VAPolicy'
+    """
+    return RemoteSa2VAPolicy if is_published_sa2va(model) else Sa2VAPolicy
