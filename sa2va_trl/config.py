@@ -305,10 +305,29 @@ class Sa2VAScriptArguments(ScriptArguments):
     model_backend: str = field(
         default="native",
         metadata={
-            "help": "`native`: the transformers-built Sa2VA of this package (also `builtin:tiny`). `remote`: the "
-            "published trust_remote_code checkpoints (not accepted by the trainer yet: convert them with "
-            "`python -m sa2va_trl.convert SRC DST` and use `native`).",
+            "help": "`native`: the transformers-built Sa2VA of this package (`builtin:tiny`, `builtin:tiny-warm`, a "
+            "checkpoint converted with `python -m sa2va_trl.convert SRC DST`, or a directory this package saved), "
+            "driven by `Sa2VAPolicy`. `remote`: a published InternVL-based trust_remote_code checkpoint "
+            "(`ByteDance/Sa2VA-1B` / `-4B` / `-InternVL3-*`, a local directory or Hub id) driven as it is by "
+            "`RemoteSa2VAPolicy`; needs `trust_remote_code: true`, and its code imports torchvision and timm. The "
+            "`train_*` parts map to each backend's module names (`sa2va_trl.grpo.PART_MODULES`).",
             "choices": list(MODEL_BACKENDS),
+        },
+    )
+    min_region_cells: int | None = field(
+        default=None,
+        metadata={
+            "help": "Smallest region, in cells of the model's token grid (16 x 16 for the published models), shown as a "
+            "visual prompt; smaller regions skip loop 1 (logged). Unset: the backend's own value (native: the model "
+            "config's; remote: 4, as the published training data)."
+        },
+    )
+    max_dynamic_patch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most InternVL tiles per image (plus a thumbnail when there are several); each tile costs 256 tokens "
+            "on the published models. Unset: the backend's own value (native: the model config's; remote: 12, as the "
+            "published inference)."
         },
     )
     train_mlp1: bool = field(default=True, metadata={"help": "Train the vision-language projector `mlp1` (with LoRA: LoRA adapters on its linear layers)."})
@@ -327,12 +346,10 @@ class Sa2VAScriptArguments(ScriptArguments):
     def __post_init__(self):
         if self.model_backend not in MODEL_BACKENDS:
             raise ValueError(f"`model_backend` must be one of {list(MODEL_BACKENDS)}, got {self.model_backend!r}.")
-        if self.model_backend == "remote":
-            raise ValueError(
-                "`model_backend: remote` (published trust_remote_code Sa2VA checkpoints) is not available yet in the "
-                "trainer. Convert the checkpoint with `python -m sa2va_trl.convert SRC DST` and use "
-                "`model_backend: native` with DST, or `model_name_or_path: builtin:tiny`."
-            )
+        for name in ("min_region_cells", "max_dynamic_patch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1 or unset (the backend's own value), got {value}.")
         formats = ["synthetic", *DATA_FORMATS]
         if self.dataset_format not in formats:
             raise ValueError(f"`dataset_format` must be one of {formats}, got {self.dataset_format!r}.")

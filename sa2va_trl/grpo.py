@@ -12,11 +12,17 @@ Eight GPUs with DeepSpeed ZeRO-2 (ZeRO-3 is refused for now):
 The recipe holds the fields of `Sa2VAScriptArguments` (data, backend, trainable parts), `Sa2VAGRPOConfig` (TRL's
 GRPO settings plus loops, rewards, EMA, mask action) and TRL's `ModelConfig` (model path, LoRA); command-line flags
 override it. `model_name_or_path: builtin:tiny` builds the tiny random model of `sa2va_trl.models.tiny`.
+
+Two model backends (`model_backend`): `native` (the transformers-built model of `sa2va_trl.models`, driven by
+`Sa2VAPolicy`; builtin models, converted checkpoints) and `remote` (a published trust_remote_code checkpoint,
+driven by `RemoteSa2VAPolicy`; needs `trust_remote_code: true`). `PART_MODULES` maps the `train_*` switches onto
+each backend's module tree.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -35,11 +41,25 @@ logger = logging.getLogger("sa2va_trl.grpo")
 TINY_MODEL = "builtin:tiny"
 # The embedded default: the tiny model after the supervised warm start, shipped in sa2va_trl/assets/.
 TINY_WARM_MODEL = "builtin:tiny-warm"
-# Module name suffixes of the parts `Sa2VAScriptArguments.train_*` switch on (native backend names).
-PART_MODULES = {"train_mlp1": "mlp1", "train_text_hidden_fcs": "text_hidden_fcs", "train_mask_decoder": "mask_decoder"}
+# The module (dotted path in the backend's module tree) of each part `Sa2VAScriptArguments.train_*` switches on; the
+# language model is `language_model` in both backends (`train_language_model`, or LoRA). Everything else stays frozen:
+# the vision encoder, SAM2's image encoder, its prompt encoder and (remote) its memory modules.
+PART_MODULES = {
+    "native": {  # sa2va_trl.models.Sa2VAModel: SAM2 is a transformers Sam2Model
+        "train_mlp1": "mlp1",
+        "train_text_hidden_fcs": "text_hidden_fcs",
+        "train_mask_decoder": "grounding_encoder.mask_decoder",
+    },
+    "remote": {  # the published Sa2VAChatModel: SAM2 in facebookresearch names under grounding_encoder.sam2_model
+        "train_mlp1": "mlp1",
+        "train_text_hidden_fcs": "text_hidden_fcs",
+        "train_mask_decoder": "grounding_encoder.sam2_model.sam_mask_decoder",
+    },
+}
+LANGUAGE_MODEL = "language_model"
 # With LoRA, these parts are trained in full through peft's `modules_to_save`; `mlp1` instead gets LoRA adapters on its
-# two linear layers (the native model indexes `mlp1[1]`, which peft's ModulesToSaveWrapper does not support).
-PEFT_MODULES_TO_SAVE = {"train_text_hidden_fcs": "text_hidden_fcs", "train_mask_decoder": "mask_decoder"}
+# two linear layers (both backends index `mlp1[1]`, which peft's ModulesToSaveWrapper does not support).
+PEFT_FULL_PARTS = ("train_text_hidden_fcs", "train_mask_decoder")
 MLP1_LORA_TARGETS = r"mlp1\.(1|3)"
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -47,9 +67,15 @@ LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 # --- recipe -> objects: each one small function, so a backend or the warm start can replace it --------------------
 
 
-def load_model_and_tokenizer(model_args: ModelConfig, training_args):
-    """The model and tokenizer a recipe names. `builtin:tiny-warm` = the shipped warm-started tiny model (the demo's
-    embedded default); `builtin:tiny` = the tiny random model with a fixed seed (tests)."""
+def load_model_and_tokenizer(model_args: ModelConfig, training_args, backend: str = "native"):
+    """The model and tokenizer a recipe names, in training mode.
+
+    `native`: `builtin:tiny-warm` = the shipped warm-started tiny model (the demo's embedded default); `builtin:tiny` =
+    the tiny random model with a fixed seed (tests); otherwise a directory holding a native checkpoint. `remote`: a
+    published checkpoint (local directory or Hub id) loaded with its own code (`load_published_sa2va`)."""
+    check_model_source(model_args, training_args, backend)
+    if backend == "remote":
+        return load_published_model_and_tokenizer(model_args)
     name = model_args.model_name_or_path
     if name in (None, "", TINY_MODEL):
         from sa2va_trl.models.tiny import build_tiny_model
@@ -66,11 +92,54 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args):
     if not os.path.isdir(name):
         raise ValueError(
             f"model_name_or_path {name!r} is not a local native Sa2VA checkpoint. Convert a published "
-            "ByteDance/Sa2VA-* checkpoint first (`python -m sa2va_trl.convert SRC DST`, SRC a local snapshot), "
-            "or use `builtin:tiny` or a directory saved by this package."
+            "ByteDance/Sa2VA-* checkpoint first (`python -m sa2va_trl.convert SRC DST`, SRC a local snapshot) or train "
+            "it as it is with `model_backend: remote`, or use `builtin:tiny` or a directory saved by this package."
         )
     model = Sa2VAModel.from_pretrained(name, revision=model_args.model_revision, dtype=model_args.dtype or "auto")
     tokenizer = transformers.AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
+    return model.train(), tokenizer
+
+
+def check_model_source(model_args: ModelConfig, training_args, backend: str) -> None:
+    """Refuse, before any data is loaded, a model source the backend cannot load.
+
+    `trust_remote_code` is TRL's `GRPOConfig.trust_remote_code` (TRL 1.x; older TRL kept it on `ModelConfig`)."""
+    part_modules(backend)  # a known backend
+    if backend != "remote":
+        return
+    name = model_args.model_name_or_path
+    if not name or str(name).startswith("builtin:"):
+        raise ValueError(
+            f"`model_backend: remote` loads a published trust_remote_code checkpoint, but model_name_or_path is "
+            f"{name!r}. The builtin models are native: use `model_backend: native` with them."
+        )
+    trusted = getattr(training_args, "trust_remote_code", False) or getattr(model_args, "trust_remote_code", False)
+    if not trusted:
+        raise ValueError(
+            "`model_backend: remote` runs the checkpoint's own Python code (its modeling_sa2va_chat.py, sam2.py, ...). "
+            "Read it, then set `trust_remote_code: true` in the recipe; or convert the checkpoint "
+            "(`python -m sa2va_trl.convert SRC DST`) and use `model_backend: native`."
+        )
+    if model_args.model_revision not in (None, "", "main"):
+        raise ValueError(
+            f"`model_revision: {model_args.model_revision}` is not supported with `model_backend: remote`: download "
+            "that revision (e.g. `hf download REPO --revision REV --local-dir DIR`) and point model_name_or_path at DIR."
+        )
+
+
+def load_published_model_and_tokenizer(model_args: ModelConfig):
+    """A published Sa2VA checkpoint (`model_backend: remote`) and its tokenizer, in training mode.
+
+    The model class comes from the checkpoint's own code (`sa2va_trl.models.load_published_sa2va`, which also makes
+    its `save_pretrained` write that code next to the weights); the tokenizer gets its eos token as pad token when it
+    has none."""
+    from sa2va_trl.models.remote import load_published_sa2va
+
+    name = model_args.model_name_or_path
+    model = load_published_sa2va(name, dtype=model_args.dtype or "auto")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return model.train(), tokenizer
 
 
@@ -132,36 +201,64 @@ def load_splits(script_args, seed: int) -> tuple[datasets.Dataset, datasets.Data
     return train, evaluation
 
 
-def set_trainable_parts(model, script_args, use_peft: bool) -> None:
+def part_modules(backend: str) -> dict[str, str]:
+    """`{train_* flag: module path}` of a backend (see `PART_MODULES`)."""
+    if backend not in PART_MODULES:
+        raise ValueError(f"`model_backend` must be one of {list(PART_MODULES)}, got {backend!r}.")
+    return PART_MODULES[backend]
+
+
+def _in_module(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
+
+
+def set_trainable_parts(model, script_args, use_peft: bool, backend: str | None = None) -> None:
     """Freeze the vision encoder and SAM2's image encoder; train the parts the recipe asks for.
 
-    With LoRA the language model's base weights stay frozen (peft adds the adapters); the other parts are then
-    trained through peft's `modules_to_save` (see `build_peft_config`)."""
+    The parts are looked up in the backend's module tree (`PART_MODULES`; `backend` defaults to
+    `script_args.model_backend`, else "native"). With LoRA the language model's base weights stay frozen (peft adds
+    the adapters); the other parts are then trained through peft's `modules_to_save` (see `build_peft_config`).
+
+    Raises:
+        ValueError: a part switched on has no parameter in the model (the backend does not match the model), or
+            nothing would train.
+    """
+    backend = backend or getattr(script_args, "model_backend", "native")
+    parts = {flag: module for flag, module in part_modules(backend).items() if getattr(script_args, flag)}
+    found = dict.fromkeys(parts, False)
     for name, param in model.named_parameters():
-        part = name.split(".")
         trainable = False
-        if part[0] == "language_model":
+        if _in_module(name, LANGUAGE_MODEL):
             trainable = script_args.train_language_model and not use_peft
-        for flag, module in PART_MODULES.items():
-            if module in part and getattr(script_args, flag):
-                trainable = True
+        for flag, module in parts.items():
+            if _in_module(name, module):
+                trainable = found[flag] = True
         param.requires_grad_(trainable)
+    missing = [flag for flag, hit in found.items() if not hit]
+    if missing:
+        raise ValueError(
+            f"{', '.join(f'`{flag}`' for flag in missing)} {'is' if len(missing) == 1 else 'are'} on but the model has no "
+            f"{', '.join(repr(parts[flag]) for flag in missing)} module, which `model_backend: {backend}` trains: a "
+            "published Sa2VAChatModel needs `model_backend: remote`, a native Sa2VAModel `model_backend: native`."
+        )
     if not any(p.requires_grad for p in model.parameters()) and not use_peft:
         raise ValueError("Nothing to train: enable LoRA (`use_peft: true`) or one of the `train_*` parts.")
 
 
-def build_peft_config(model_args: ModelConfig, script_args):
-    """LoRA on the language model's linear layers only; the trained non-LLM parts as `modules_to_save`."""
+def build_peft_config(model_args: ModelConfig, script_args, backend: str | None = None):
+    """LoRA on the language model's linear layers (and `mlp1`'s) only; the trained `text_hidden_fcs` and mask decoder
+    as `modules_to_save` (module paths of the backend, `backend` defaulting to `script_args.model_backend`)."""
     if not model_args.use_peft:
         return None
     from peft import LoraConfig
 
+    parts = part_modules(backend or getattr(script_args, "model_backend", "native"))
     targets = model_args.lora_target_modules or list(LORA_DEFAULT_TARGETS)
     if isinstance(targets, str):
         targets = [targets]
-    modules_to_save = [module for flag, module in PEFT_MODULES_TO_SAVE.items() if getattr(script_args, flag)]
+    modules_to_save = [parts[flag] for flag in PEFT_FULL_PARTS if getattr(script_args, flag)]
     modules_to_save += list(model_args.lora_modules_to_save or [])
-    target_modules = rf".*language_model\..*\.({'|'.join(targets)})"  # never the vision tower
+    target_modules = rf".*{LANGUAGE_MODEL}\..*\.({'|'.join(targets)})"  # never the vision tower nor SAM2
     if script_args.train_mlp1:
         target_modules = rf"({target_modules}|{MLP1_LORA_TARGETS})"
     return LoraConfig(
@@ -194,6 +291,36 @@ def drop_missing_reporters(training_args) -> None:
     if missing:
         logger.warning("Reporting to %s is not installed; logging without it.", missing)
         training_args.report_to = [name for name in wanted if name not in missing] or ["none"]
+
+
+def policy_class(backend: str):
+    """The adapter class of a backend: `Sa2VAPolicy` (native) or `RemoteSa2VAPolicy` (remote)."""
+    from sa2va_trl.models import RemoteSa2VAPolicy, Sa2VAPolicy
+
+    classes = {"native": Sa2VAPolicy, "remote": RemoteSa2VAPolicy}
+    if backend not in classes:
+        raise ValueError(f"`model_backend` must be one of {list(classes)}, got {backend!r}.")
+    return classes[backend]
+
+
+def policy_factory(script_args):
+    """`(model, tokenizer) -> adapter` for the recipe's backend, with its prompt settings (`min_region_cells`,
+    `max_dynamic_patch`) where the recipe sets them: keyword arguments of `RemoteSa2VAPolicy` (remote), fields of the
+    model config that the adapter reads and `save_pretrained` keeps (native)."""
+    backend = getattr(script_args, "model_backend", "native")
+    cls = policy_class(backend)
+    settings = {name: getattr(script_args, name, None) for name in ("min_region_cells", "max_dynamic_patch")}
+    settings = {name: int(value) for name, value in settings.items() if value is not None}
+    if backend == "remote":
+        return functools.partial(cls, **settings)
+
+    def native_policy(model, tokenizer):
+        config = getattr(model, "config", None)
+        for name, value in settings.items():
+            setattr(config, name, value)
+        return cls(model, tokenizer)
+
+    return native_policy
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -253,16 +380,18 @@ def main(script_args, training_args, model_args):
     if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
         logger.info("Checkpoint detected, resuming training at %s.", last_checkpoint)
 
-    # Data
+    # Data (the model source is checked first: a remote checkpoint without trust_remote_code fails fast)
+    check_model_source(model_args, training_args, script_args.model_backend)
     train_rows, eval_rows = load_splits(script_args, training_args.seed)
     if training_args.eval_strategy != "no" and eval_rows is None:
         raise ValueError("eval_strategy is set but the data source has no evaluation split: set `eval_fraction`.")
     logger.info("Rows: %d train, %s eval", len(train_rows), len(eval_rows) if eval_rows is not None else 0)
 
-    # Tokenizer and model
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
-    set_trainable_parts(model, script_args, use_peft=model_args.use_peft)
-    peft_config = build_peft_config(model_args, script_args)
+    # Tokenizer and model, through the backend's adapter (Sa2VAPolicy or RemoteSa2VAPolicy)
+    backend = script_args.model_backend
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args, backend)
+    set_trainable_parts(model, script_args, use_peft=model_args.use_peft, backend=backend)
+    peft_config = build_peft_config(model_args, script_args, backend=backend)
 
     # Rewards
     reward_funcs = build_loop_rewards(training_args)
@@ -284,6 +413,7 @@ def main(script_args, training_args, model_args):
         processing_class=tokenizer,
         callbacks=[ema],
         peft_config=peft_config,
+        policy_cls=policy_factory(script_args),
     )
 
     # Sample overlays (images of rollouts) for TensorBoard / W&B / trackio

@@ -42,6 +42,7 @@ from sa2va_trl.mask_actions import (
 )
 from sa2va_trl.models.adapter import Sa2VAPolicy
 from sa2va_trl.models.image_processing import Sa2VAInputError, mask_to_token_grid
+from sa2va_trl.models.remote import policy_class_for
 from sa2va_trl.rewards.checks import checked_reward, reward_name
 from sa2va_trl.rewards.errors import RewardError
 from sa2va_trl.rewards.masks import as_mask
@@ -376,7 +377,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
     """GRPO for Sa2VA: both cycle loops per batch, log-probs through `Sa2VAPolicy`, the EMA as partner and reference.
 
     Args:
-        model: a Sa2VA model (native backend `Sa2VAModel`, a `PreTrainedModel`).
+        model: a Sa2VA model: the native backend's `Sa2VAModel`, or a published remote-code `Sa2VAChatModel`
+            (`sa2va_trl.models.load_published_sa2va`); either a `PreTrainedModel`.
         reward_funcs: `{loop: [reward, ...]}` (each reward scores its loop's rows; `reward_weights` is then filled
             from the config's per-loop weights), or a plain TRL list (every reward sees every row).
         args: a `Sa2VAGRPOConfig`.
@@ -387,7 +389,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         callbacks: extra callbacks. An `EMACallback` among them is used; otherwise one is created from
             `args.ema_decay` / `args.ema_warmup_steps`.
         peft_config: a peft config (LoRA on the language model), applied by TRL.
-        policy_cls: the adapter class (default `Sa2VAPolicy`); it gets the unwrapped model and the tokenizer.
+        policy_cls: the adapter class, or any callable `(model, tokenizer) -> adapter` (e.g. a `functools.partial`
+            of `RemoteSa2VAPolicy` with prompt settings). Default: by the model's layout (`policy_class_for`):
+            `RemoteSa2VAPolicy` for a published model, `Sa2VAPolicy` otherwise. It gets the model before peft wraps
+            it, and the tokenizer.
 
     TRL 1.16 methods overridden (see `OVERRIDDEN_TRL_METHODS`), each as narrowly as possible:
 
@@ -418,7 +423,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         processing_class: PreTrainedTokenizerBase | None = None,
         callbacks: list | None = None,
         peft_config=None,
-        policy_cls: type = Sa2VAPolicy,
+        policy_cls: Callable[..., Sa2VAPolicy] | None = None,
     ):
         if not isinstance(args, Sa2VAGRPOConfig):
             raise TypeError(f"args must be a Sa2VAGRPOConfig, got {type(args).__name__}.")
@@ -435,7 +440,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                     "schema names the image `img`."
                 )
         # The adapter holds the model object itself; peft (applied by TRL below) injects LoRA layers into it in place.
-        self.policy = policy_cls(model, processing_class)
+        self.policy = (policy_cls or policy_class_for(model))(model, processing_class)
         self._set_generation_config(model, processing_class, getattr(self.policy, "eos_token_ids", None))
         self._eval_rows = eval_dataset  # the schema rows `evaluate` scores
         train_dataset = self._with_tasks(train_dataset, args.loops)

@@ -40,13 +40,24 @@ def test_config_flag_forms_parse_the_same(tmp_path):
         rewrite_positional_recipe([DEMO, "--config", DEMO])
 
 
-def test_cycle_recipe_parses_and_the_remote_backend_is_refused_clearly(tmp_path):
+def test_cycle_recipe_parses_with_either_backend(tmp_path):
     script, training, model = parse_args([CYCLE, "--bf16", "false", "--output_dir", str(tmp_path)])
     assert script.model_backend == "native"  # a checkpoint converted by `python -m sa2va_trl.convert`
     assert model.use_peft and model.lora_r == 128 and training.num_generations == 8
     assert training.metric_for_best_model == "eval_mean_iou" and script.dataset_format == "gar"
-    with pytest.raises(ValueError, match="model_backend: remote.*not available yet"):
-        parse_args([CYCLE, "--model_backend", "remote", "--bf16", "false", "--output_dir", str(tmp_path)])
+    assert not training.trust_remote_code  # TRL's GRPOConfig field
+    script, training, model = parse_args([CYCLE, "--model_backend", "remote", "--trust_remote_code", "true",
+                                   "--model_name_or_path", "/ckpt/ByteDance-Sa2VA-4B", "--bf16", "false",
+                                   "--output_dir", str(tmp_path)])
+    assert script.model_backend == "remote" and training.trust_remote_code
+
+
+def test_remote_backend_without_trust_remote_code_stops_before_loading_data(tmp_path):
+    # cycle.yaml's data is a Hub dataset (no network here): reaching the data would fail differently.
+    parsed = parse_args([CYCLE, "--model_backend", "remote", "--bf16", "false", "--output_dir", str(tmp_path),
+                         "--report_to", "none"])
+    with pytest.raises(ValueError, match="runs the checkpoint's own Python code.*`trust_remote_code: true`"):
+        main(*parsed)
 
 
 def args(tmp_path, **kwargs):
@@ -78,8 +89,9 @@ def test_script_arguments_validation():
         Sa2VAScriptArguments(dataset_format="gar")
     with pytest.raises(ValueError, match="`dataset_format` must be one of"):
         Sa2VAScriptArguments(dataset_format="coco")
-    with pytest.raises(ValueError, match="not available yet"):
-        Sa2VAScriptArguments(model_backend="remote")
+    with pytest.raises(ValueError, match="`model_backend` must be one of"):
+        Sa2VAScriptArguments(model_backend="hub")
+    assert Sa2VAScriptArguments(model_backend="remote").model_backend == "remote"
 
 
 def test_reward_help_is_built_from_the_registry():
