@@ -3,7 +3,7 @@
 `@pytest.mark.official`: these run when SA2VA_OFFICIAL_CODE points at a local copy of the published HF model code
 (see tests/published_sa2va.py) and skip with that reason otherwise. Each trains a tiny random published
 `Sa2VAChatModel` for 2 GRPO steps of both cycle loops on the CPU, with the cycle rewards (the EMA as reverse model)
-and the KL to the EMA; they take about a minute each on 2 busy cores, so they are `slow` too:
+and the KL to the EMA; they take one to two minutes each on 2 busy cores, so they are `slow` too:
 
     SA2VA_OFFICIAL_CODE=/path/to/sa2va/hf/models python -m pytest -m official tests/test_trainer_remote.py
 
@@ -88,7 +88,7 @@ def test_official_two_grpo_steps_of_both_loops_train_the_published_model(tmp_pat
     args = Sa2VAGRPOConfig(
         output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=2 * G, num_generations=G,
         max_steps=2, logging_steps=1, max_completion_length=8, learning_rate=1e-3, report_to=[], save_strategy="no",
-        disable_tqdm=True, beta=0.04, ema_decay=0.5,
+        disable_tqdm=True, beta=0.04, ema_decay=0.5, mask_pixel_action=True,  # both mask actions: prompt and pixel
     )
     rewards = {loop: [get_reward(name) for name in names] for loop, names in LOOP_REWARDS.items()}
     trainer = Sa2VAGRPOTrainer(
@@ -102,17 +102,15 @@ def test_official_two_grpo_steps_of_both_loops_train_the_published_model(tmp_pat
     trainer.train()
     assert trainer.state.global_step == 2
 
-    # Trained parts moved; the vision encoder and SAM2's image encoder did not, and the EMA does not track them.
+    # Trained parts moved (the mask decoder through the pixel action's log-probability); the vision encoder and
+    # SAM2's image encoder did not, and the EMA does not track them.
     params = dict(trainer.model.named_parameters())
     changed = {name for name, p in params.items() if not torch.equal(before[name], p.detach())}
-    for prefix in TRAINED:
+    for prefix in (*TRAINED, MASK_DECODER):
         assert any(name.startswith(prefix) for name in changed), prefix
     frozen = [name for name in params if name.startswith(FROZEN)]
     assert frozen and not any(name in changed or params[name].requires_grad for name in frozen)
     assert not any(name.startswith(FROZEN) for name in trainer.ema.shadow)
-    # The mask decoder is trainable and tracked by the EMA (no policy gradient reaches it in GRPO: masks are
-    # decoded without grad, and the mask action's log-density depends on text_hidden_fcs only).
-    assert all(params[name].requires_grad for name in params if name.startswith(MASK_DECODER))
     assert any(name.startswith(MASK_DECODER) for name in trainer.ema.shadow)
 
     # The EMA: updated once per step, between the start and the live weights (decay 0.5); swapped in for the
@@ -129,7 +127,8 @@ def test_official_two_grpo_steps_of_both_loops_train_the_published_model(tmp_pat
         for reward in names:
             assert any(v is not None for v in logged.get(f"rewards/{loop}/{reward}/mean", [])), (loop, reward)
         assert logged.get(f"loops/{loop}/reward_mean"), loop
-    for metric in ("kl", "ema/decay", f"loops/{CAPTION_TO_MASK}/frac_no_seg", "mask_action/mu_rms"):
+    for metric in ("kl", "ema/decay", f"loops/{CAPTION_TO_MASK}/frac_no_seg", "mask_action/mu_rms",
+                   "mask_action/pixel_flip_frac"):
         assert metric in logged, metric
 
 
