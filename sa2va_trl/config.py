@@ -334,7 +334,10 @@ class Sa2VAScriptArguments(ScriptArguments):
     train_text_hidden_fcs: bool = field(
         default=True, metadata={"help": "Train `text_hidden_fcs` ([SEG] state -> SAM2 prompt embedding)."}
     )
-    train_mask_decoder: bool = field(default=True, metadata={"help": "Train the SAM2 mask decoder."})
+    train_mask_decoder: bool = field(
+        default=True,
+        metadata={"help": "Train the SAM2 mask decoder (its only policy gradient comes from `mask_pixel_action`)."},
+    )
     train_language_model: bool = field(
         default=True,
         metadata={

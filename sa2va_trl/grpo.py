@@ -212,6 +212,19 @@ def _in_module(name: str, module: str) -> bool:
     return name == module or name.startswith(module + ".")
 
 
+def warn_untrained_mask_decoder(script_args, training_args) -> bool:
+    """Warn (and return True) when the recipe trains the SAM2 mask decoder but nothing gives it a policy gradient:
+    only the pixel mask action does (`sa2va_trl.mask_actions`); without it the decoder stays as loaded."""
+    runs_loop2 = "caption_to_mask" in training_args.loops
+    if script_args.train_mask_decoder and runs_loop2 and not training_args.mask_pixel_action:
+        logger.warning(
+            "`train_mask_decoder` is on but `mask_pixel_action` is off: the SAM2 mask decoder gets no policy gradient "
+            "(it sits after the last sampled choice) and will stay as loaded. Set `mask_pixel_action: true` to train it."
+        )
+        return True
+    return False
+
+
 def set_trainable_parts(model, script_args, use_peft: bool, backend: str | None = None) -> None:
     """Freeze the vision encoder and SAM2's image encoder; train the parts the recipe asks for.
 
@@ -391,6 +404,7 @@ def main(script_args, training_args, model_args):
     backend = script_args.model_backend
     model, tokenizer = load_model_and_tokenizer(model_args, training_args, backend)
     set_trainable_parts(model, script_args, use_peft=model_args.use_peft, backend=backend)
+    warn_untrained_mask_decoder(script_args, training_args)
     peft_config = build_peft_config(model_args, script_args, backend=backend)
 
     # Rewards

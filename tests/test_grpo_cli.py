@@ -127,3 +127,19 @@ def test_accelerate_launch_runs_the_module(tmp_path):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_trained_mask_decoder_without_the_pixel_action_is_warned_about(tmp_path, caplog):
+    from sa2va_trl.grpo import warn_untrained_mask_decoder
+
+    def parsed(*extra):
+        return parse_args(["recipes/demo.yaml", "--output_dir", str(tmp_path), *extra])
+
+    script_args, training_args, _ = parsed("--mask_pixel_action", "false", "--train_mask_decoder", "true")
+    with caplog.at_level("WARNING", logger="sa2va_trl.grpo"):
+        assert warn_untrained_mask_decoder(script_args, training_args)
+    assert "mask_pixel_action" in caplog.text
+    script_args, training_args, _ = parsed("--mask_pixel_action", "true", "--train_mask_decoder", "true")
+    assert not warn_untrained_mask_decoder(script_args, training_args)
+    script_args, training_args, _ = parsed("--mask_pixel_action", "false", "--train_mask_decoder", "false")
+    assert not warn_untrained_mask_decoder(script_args, training_args)
