@@ -410,3 +410,36 @@ def test_switching_a_loop_off_ignores_its_recipe_reward_weights(tmp_path):
     trainer = make_trainer(tmp_path, loops=[MASK_TO_CAPTION], mask_to_caption_reward_weights=[0.7],
                            caption_to_mask_reward_weights=[1.0, 0.5], rewards={MASK_TO_CAPTION: [hash_reward]})
     assert trainer.reward_weights.tolist() == pytest.approx([0.7])
+
+
+def test_training_forward_scores_each_row_with_its_own_prompt_after_trls_shuffle(tmp_path):
+    """In the loss, every row's log-probs (recomputed through the adapter) equal the ones recorded while sampling
+    it: TRL's shuffle and split of the generation batch keep completions, prompts and advantages together."""
+    from sa2va_trl import trainer as trainer_module
+
+    # learning rate 0: the second micro-batch is scored by the same weights that sampled it (otherwise the
+    # difference is the policy's update, which TRL's importance ratio accounts for)
+    trainer = make_trainer(tmp_path, loops=[MASK_TO_CAPTION], mask_action=False, steps_per_generation=2,
+                           per_device_train_batch_size=G, max_steps=2, dataset=shapes_dataset(6, seed=1),
+                           learning_rate=0.0)
+    checked = []
+    compute_loss = trainer_module.Sa2VAGRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        self._active_samples = inputs[SAMPLE_INDEX_KEY]
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with torch.no_grad():
+            logps, _, _ = self._get_per_token_logps_and_entropies(model, ids, mask, inputs["completion_ids"].shape[1])
+        self._active_samples = None
+        sampled = inputs["sampling_per_token_logps"]
+        torch.testing.assert_close(logps * inputs["completion_mask"], sampled * inputs["completion_mask"],
+                                   atol=1e-4, rtol=0)
+        checked.append(inputs[SAMPLE_INDEX_KEY].tolist())
+        return compute_loss(self, model, inputs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_module.Sa2VAGRPOTrainer, "_compute_loss", spy)
+        trainer.train()
+    assert len(checked) == 2 and sorted(checked[0] + checked[1]) == list(range(2 * G))  # both halves, all rows
+    assert checked[0] + checked[1] != list(range(2 * G))  # and they were shuffled
