@@ -186,3 +186,10 @@ def test_python_dash_m_entry_point(tmp_path):
     assert "wrote" in result.stdout
     assert "RuntimeWarning" not in result.stderr
     assert (out / "dataset_dict.json").is_file()
+
+
+def test_an_empty_split_is_written_with_its_columns():
+    """`--n 0` (e.g. a test-only world for evaluation) gives an empty train split, not a crash."""
+    world = build_shapes_world({"train": 0, "test": 2}, progress=False)
+    assert len(world["train"]) == 0 and world["train"].features == world["test"].features
+    assert len(world["test"]) == 2

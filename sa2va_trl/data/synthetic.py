@@ -460,7 +460,10 @@ def build_shapes_world(split_sizes: dict[str, int], seed: int = 0, image_size: i
         for index, scene in enumerate(iter_scenes(n, seed, split, image_size, max_shapes, canonical_only)):
             records.append(scene_to_gar_record(scene, f"{split}/{index:06d}.png"))
             bar.update(1)
-        splits[split] = datasets.Dataset.from_list(records, features=gar_features())
+        features = gar_features()
+        # from_list cannot infer columns from no records: an empty split gets the columns explicitly
+        splits[split] = (datasets.Dataset.from_list(records, features=features) if records
+                         else datasets.Dataset.from_dict({name: [] for name in features}, features=features))
     bar.close()
     return datasets.DatasetDict(splits)
 
