@@ -31,6 +31,7 @@ from accelerate.utils import gather_object
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from trl import GRPOTrainer
 
+from sa2va_trl.checkpointing import CheckpointingMixin
 from sa2va_trl.config import CAPTION_TO_MASK, LOOPS, MASK_TO_CAPTION, Sa2VAGRPOConfig
 from sa2va_trl.ema import EMACallback
 from sa2va_trl.mask_actions import (
@@ -373,7 +374,7 @@ class _Generation:
 # --- the trainer -----------------------------------------------------------------------------------------------------
 
 
-class Sa2VAGRPOTrainer(GRPOTrainer):
+class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
     """GRPO for Sa2VA: both cycle loops per batch, log-probs through `Sa2VAPolicy`, the EMA as partner and reference.
 
     Args:
@@ -407,6 +408,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
       only its fixed VLM keyword arguments).
 
     Also replaced: transformers' `evaluate` (segmentation / captioning metrics, see its docstring).
+    Checkpoints come from `sa2va_trl.checkpointing.CheckpointingMixin`: complete or ignored on resume (a completion
+    marker written last), the EMA files inside before the Hub push, exact data order on resume in any epoch.
 
     Sampling uses TRL's `rollout_func` hook (set to `self._rollout`). Loop weights scale that loop's advantages.
     Under DDP the training forward runs as the wrapper's forward (`forward_through_wrapper`) so gradients are
