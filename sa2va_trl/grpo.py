@@ -31,9 +31,9 @@ from collections.abc import Sequence
 import datasets
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser
 
+from sa2va_trl.checkpointing import get_last_complete_checkpoint, resolve_resume_checkpoint
 from sa2va_trl.compat import maybe_apply_cpu_deepspeed_fix
 
 logger = logging.getLogger("sa2va_trl.grpo")
@@ -336,6 +336,20 @@ def policy_factory(script_args):
     return native_policy
 
 
+def resume_checkpoint(training_args) -> str | None:
+    """The checkpoint the run resumes from: `resume_from_checkpoint` when the recipe sets it (a path, or true = the
+    last complete checkpoint of output_dir, false = start over), else the last complete checkpoint of output_dir if
+    there is one. Incomplete checkpoints (interrupted saves) are skipped with a warning."""
+    requested = training_args.resume_from_checkpoint
+    if requested is None:
+        checkpoint = get_last_complete_checkpoint(training_args.output_dir)
+    else:
+        checkpoint = resolve_resume_checkpoint(requested, training_args.output_dir)
+    if checkpoint is not None:
+        logger.info("Resuming training at %s.", checkpoint)
+    return checkpoint
+
+
 # --- command line --------------------------------------------------------------------------------------------------
 
 
@@ -386,12 +400,8 @@ def main(script_args, training_args, model_args):
     logger.info("Training arguments %s", training_args)
     drop_missing_reporters(training_args)
 
-    # Resume from the last checkpoint
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-    if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-        logger.info("Checkpoint detected, resuming training at %s.", last_checkpoint)
+    # Resume from the last complete checkpoint (or the one the recipe names)
+    checkpoint = resume_checkpoint(training_args)
 
     # Data (the model source is checked first: a remote checkpoint without trust_remote_code fails fast)
     check_model_source(model_args, training_args, script_args.model_backend)
@@ -435,7 +445,6 @@ def main(script_args, training_args, model_args):
         SampleOverlayCallback(trainer.recent_samples, every_n_steps=training_args.sample_overlay_steps).attach_to(trainer)
 
     # Train
-    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     training_args.resume_from_checkpoint = checkpoint  # callbacks (the EMA) read the path from here
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = train_result.metrics
