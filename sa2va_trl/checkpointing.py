@@ -236,10 +236,14 @@ class EpochSeededRepeatSampler(_repeat_sampler_class()):
 
     Example:
         >>> sampler = EpochSeededRepeatSampler(list(range(6)), mini_repeat_count=1, batch_size=3, seed=0)
-        >>> first = list(sampler); second = list(sampler)  # stock behaviour: the generator moves on
-        >>> sampler.set_epoch(1); again = list(sampler)
-        >>> again == second, sampler.set_epoch(0) or list(sampler) == first
-        (True, True)
+        >>> orders = []
+        >>> for epoch in (0, 1, 2):
+        ...     sampler.set_epoch(epoch)
+        ...     orders.append(list(sampler))
+        >>> resumed = EpochSeededRepeatSampler(list(range(6)), mini_repeat_count=1, batch_size=3, seed=0)
+        >>> resumed.set_epoch(2)  # a run resumed in epoch 2
+        >>> list(resumed) == orders[2]
+        True
     """
 
     def set_epoch(self, epoch: int) -> None:

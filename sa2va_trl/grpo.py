@@ -350,6 +350,30 @@ def resume_checkpoint(training_args) -> str | None:
     return checkpoint
 
 
+def describe_data(script_args, seed: int) -> dict:
+    """What the model card says about the training data."""
+    if script_args.dataset_format == "synthetic":
+        return {"dataset": f"the synthetic shapes world of sa2va-trl ({script_args.synthetic_images} training images, "
+                           f"seed {seed})"}
+    hub_id = script_args.dataset_name if script_args.dataset_format == "hf" else None
+    return {"dataset": f"`{script_args.dataset_name}` ({script_args.dataset_format})", "dataset_id": hub_id}
+
+
+def save_final_models(trainer, ema, tokenizer, output_dir: str) -> None:
+    """The end of a run: the policy and its tokenizer in `output_dir`, the EMA model with the tokenizer in
+    `output_dir/ema_model` (both load with `Sa2VAPolicy.from_pretrained`).
+
+    Nothing is pushed here (the push, with the model card, comes once at the end of `main`)."""
+    from sa2va_trl.model_card import EMA_MODEL_DIR
+
+    trainer.save_model(output_dir, _internal_call=True)  # every rank (gathers under DeepSpeed); no push yet
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+    # every rank: under ZeRO-3 the EMA model is gathered from all ranks' slices (rank 0 writes it)
+    ema.save_pretrained(os.path.join(output_dir, EMA_MODEL_DIR), trainer.model, processing_class=tokenizer)
+    trainer.accelerator.wait_for_everyone()
+
+
 # --- command line --------------------------------------------------------------------------------------------------
 
 
@@ -425,6 +449,7 @@ def main(script_args, training_args, model_args):
         decay=training_args.ema_decay,
         warmup="linear" if training_args.ema_warmup_steps else "none",
         warmup_steps=training_args.ema_warmup_steps,
+        save_ema_model=training_args.ema_save_model,
     )
 
     # Trainer
@@ -439,6 +464,8 @@ def main(script_args, training_args, model_args):
         peft_config=peft_config,
         policy_cls=policy_factory(script_args),
     )
+    trainer.model_card_info = {"base_model": model_args.model_name_or_path,
+                               **describe_data(script_args, training_args.seed)}
 
     # Sample overlays (images of rollouts) for TensorBoard / W&B / trackio
     if training_args.sample_overlay_steps:
@@ -453,11 +480,8 @@ def main(script_args, training_args, model_args):
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
-    # Save
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        ema.save_pretrained(os.path.join(training_args.output_dir, "ema_model"), trainer.model)
+    # Save: the policy and the EMA model, each with the tokenizer
+    save_final_models(trainer, ema, tokenizer, training_args.output_dir)
     logger.info("Model saved to %s", training_args.output_dir)
 
     # Evaluate (referring-segmentation IoU and captioning METEOR / exact match on the evaluation rows)
@@ -466,7 +490,8 @@ def main(script_args, training_args, model_args):
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    # Push
+    # Model card (README.md: base model, loops, rewards, EMA, evaluation) and push
+    trainer.create_model_card()
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=["sa2va-trl"])
     return trainer

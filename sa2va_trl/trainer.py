@@ -407,7 +407,8 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
     - `_compute_loss`: wraps TRL's to tell the log-prob method which samples the micro-batch holds (TRL forwards
       only its fixed VLM keyword arguments).
 
-    Also replaced: transformers' `evaluate` (segmentation / captioning metrics, see its docstring).
+    Also replaced: transformers' `evaluate` (segmentation / captioning metrics, see its docstring) and TRL's
+    `create_model_card` (this package's card, `sa2va_trl.model_card`: loops, rewards, EMA, evaluation table).
     Checkpoints come from `sa2va_trl.checkpointing.CheckpointingMixin`: complete or ignored on resume (a completion
     marker written last), the EMA files inside before the Hub push, exact data order on resume in any epoch.
 
@@ -669,6 +670,19 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         loop.pixel_action = [m.cpu() for m in masks]
         self._metrics[mode]["mask_action/pixel_flip_frac"].append(flip_fraction(out.mask_logits, masks))
         return [m.cpu().numpy() for m in masks]
+
+    # --- model card -------------------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **unused):
+        """Write this package's model card to ``output_dir/README.md`` (`sa2va_trl.model_card.write_model_card`):
+        base model, loops, rewards and weights, EMA, GRPO settings, the last evaluation, files, loading code. TRL
+        calls it at every checkpoint save and transformers' `push_to_hub` before uploading. The base model and data
+        description come from ``self.model_card_info`` (the entry point fills it)."""
+        if not self.is_world_process_zero():
+            return
+        from sa2va_trl.model_card import write_model_card
+
+        write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
 
     # --- evaluation -------------------------------------------------------------------------------------------------
 
