@@ -364,6 +364,15 @@ class Sa2VAScriptArguments(ScriptArguments):
         },
     )
 
+    save_merged_model: bool = field(
+        default=False,
+        metadata={
+            "help": "With LoRA (`use_peft: true`): at the end also write the policy and the EMA model with the "
+            "adapters merged into the base weights, as standalone models `merged_model/` and `ema_merged_model/` "
+            "(pushed with the rest). Any saved adapter folder can be merged later: `python -m sa2va_trl.merge`."
+        },
+    )
+
     def __post_init__(self):
         if self.model_backend not in MODEL_BACKENDS:
             raise ValueError(f"`model_backend` must be one of {list(MODEL_BACKENDS)}, got {self.model_backend!r}.")

@@ -359,18 +359,24 @@ def describe_data(script_args, seed: int) -> dict:
     return {"dataset": f"`{script_args.dataset_name}` ({script_args.dataset_format})", "dataset_id": hub_id}
 
 
-def save_final_models(trainer, ema, tokenizer, output_dir: str) -> None:
+def save_final_models(trainer, ema, tokenizer, output_dir: str, merge_base: str | None = None, seed: int = 0) -> None:
     """The end of a run: the policy and its tokenizer in `output_dir`, the EMA model with the tokenizer in
-    `output_dir/ema_model` (both load with `Sa2VAPolicy.from_pretrained`).
+    `output_dir/ema_model` (both load with `Sa2VAPolicy.from_pretrained`). With `merge_base` (LoRA runs asking for
+    `save_merged_model`), also both with the adapters merged into that base: `merged_model/`, `ema_merged_model/`.
 
     Nothing is pushed here (the push, with the model card, comes once at the end of `main`)."""
-    from sa2va_trl.model_card import EMA_MODEL_DIR
+    from sa2va_trl.merge import merge_lora
+    from sa2va_trl.model_card import EMA_MERGED_MODEL_DIR, EMA_MODEL_DIR, MERGED_MODEL_DIR
 
     trainer.save_model(output_dir, _internal_call=True)  # every rank (gathers under DeepSpeed); no push yet
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
     # every rank: under ZeRO-3 the EMA model is gathered from all ranks' slices (rank 0 writes it)
     ema.save_pretrained(os.path.join(output_dir, EMA_MODEL_DIR), trainer.model, processing_class=tokenizer)
+    if merge_base is not None and trainer.accelerator.is_main_process:
+        merge_lora(output_dir, os.path.join(output_dir, MERGED_MODEL_DIR), base_model=merge_base, seed=seed)
+        merge_lora(os.path.join(output_dir, EMA_MODEL_DIR), os.path.join(output_dir, EMA_MERGED_MODEL_DIR),
+                   base_model=merge_base, seed=seed)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -480,8 +486,14 @@ def main(script_args, training_args, model_args):
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
-    # Save: the policy and the EMA model, each with the tokenizer
-    save_final_models(trainer, ema, tokenizer, training_args.output_dir)
+    # Save: the policy, the EMA model (and with LoRA, on request, both merged into standalone models)
+    merge_base = None
+    if script_args.save_merged_model:
+        if model_args.use_peft:
+            merge_base = model_args.model_name_or_path or TINY_MODEL
+        else:
+            logger.warning("save_merged_model: the model is trained in full, so output_dir is already standalone.")
+    save_final_models(trainer, ema, tokenizer, training_args.output_dir, merge_base=merge_base, seed=training_args.seed)
     logger.info("Model saved to %s", training_args.output_dir)
 
     # Evaluate (referring-segmentation IoU and captioning METEOR / exact match on the evaluation rows)
