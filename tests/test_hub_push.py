@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
@@ -30,6 +31,7 @@ FAKE_TOKEN = "hf_FAKEtokenThatMustNotLeak0123456789"
 REPO = "someone/sa2va-tiny-demo"
 
 
+@pytest.mark.slow
 def test_push_records_weights_ema_card_and_a_resumable_checkpoint_and_round_trips(tmp_path, monkeypatch, capfd, caplog):
     hub = HubRecorder().install(monkeypatch)
     out = tmp_path / "run"

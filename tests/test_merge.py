@@ -74,6 +74,7 @@ def test_merged_lora_model_gives_the_adapted_models_outputs(tmp_path):
         assert (base[key] - value).abs().max() > 1e-2, f"{key}: the adapters changed nothing, the test cannot fail"
 
 
+@pytest.mark.slow
 def test_lora_run_saves_loadable_merged_policy_and_ema(tmp_path):
     out = tmp_path / "run"
     trainer = main(*parse_args([
