@@ -359,10 +359,12 @@ def describe_data(script_args, seed: int) -> dict:
     return {"dataset": f"`{script_args.dataset_name}` ({script_args.dataset_format})", "dataset_id": hub_id}
 
 
-def save_final_models(trainer, ema, tokenizer, output_dir: str, merge_base: str | None = None, seed: int = 0) -> None:
+def save_final_models(trainer, ema, tokenizer, output_dir: str, merge_base: str | None = None, seed: int = 0,
+                      backend: str = "native") -> None:
     """The end of a run: the policy and its tokenizer in `output_dir`, the EMA model with the tokenizer in
-    `output_dir/ema_model` (both load with `Sa2VAPolicy.from_pretrained`). With `merge_base` (LoRA runs asking for
-    `save_merged_model`), also both with the adapters merged into that base: `merged_model/`, `ema_merged_model/`.
+    `output_dir/ema_model` (both load with the backend's `from_pretrained`: `Sa2VAPolicy` / `RemoteSa2VAPolicy`). With
+    `merge_base` (LoRA runs asking for `save_merged_model`), also both with the adapters merged into that base:
+    `merged_model/`, `ema_merged_model/`.
 
     Nothing is pushed here (the push, with the model card, comes once at the end of `main`)."""
     from sa2va_trl.merge import merge_lora
@@ -374,9 +376,10 @@ def save_final_models(trainer, ema, tokenizer, output_dir: str, merge_base: str 
     # every rank: under ZeRO-3 the EMA model is gathered from all ranks' slices (rank 0 writes it)
     ema.save_pretrained(os.path.join(output_dir, EMA_MODEL_DIR), trainer.model, processing_class=tokenizer)
     if merge_base is not None and trainer.accelerator.is_main_process:
-        merge_lora(output_dir, os.path.join(output_dir, MERGED_MODEL_DIR), base_model=merge_base, seed=seed)
+        merge_lora(output_dir, os.path.join(output_dir, MERGED_MODEL_DIR), base_model=merge_base, seed=seed,
+                   backend=backend)
         merge_lora(os.path.join(output_dir, EMA_MODEL_DIR), os.path.join(output_dir, EMA_MERGED_MODEL_DIR),
-                   base_model=merge_base, seed=seed)
+                   base_model=merge_base, seed=seed, backend=backend)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -493,7 +496,8 @@ def main(script_args, training_args, model_args):
             merge_base = model_args.model_name_or_path or TINY_MODEL
         else:
             logger.warning("save_merged_model: the model is trained in full, so output_dir is already standalone.")
-    save_final_models(trainer, ema, tokenizer, training_args.output_dir, merge_base=merge_base, seed=training_args.seed)
+    save_final_models(trainer, ema, tokenizer, training_args.output_dir, merge_base=merge_base, seed=training_args.seed,
+                      backend=script_args.model_backend)
     logger.info("Model saved to %s", training_args.output_dir)
 
     # Evaluate (referring-segmentation IoU and captioning METEOR / exact match on the evaluation rows)

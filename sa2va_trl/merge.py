@@ -3,10 +3,13 @@
     python -m sa2va_trl.merge outputs/cycle outputs/cycle-merged                  # base from adapter_config.json
     python -m sa2va_trl.merge outputs/cycle/ema_model outputs/cycle-ema-merged    # the EMA adapters
     python -m sa2va_trl.merge outputs/run OUT --base-model builtin:tiny --seed 0  # a base that is no directory
+    python -m sa2va_trl.merge outputs/remote-run OUT --backend remote            # a published (remote-code) base
 
 The adapter folder is one written by a LoRA run (`use_peft: true`): the top level of `output_dir`, its `ema_model/`,
 or a checkpoint. The base model is loaded on the CPU from the path in ``adapter_config.json`` (or ``--base-model``:
-a directory, ``builtin:tiny-warm``, or ``builtin:tiny`` with the run's ``--seed``), the adapters (LoRA and the
+a directory, ``builtin:tiny-warm``, or ``builtin:tiny`` with the run's ``--seed``; with ``--backend remote`` a
+published checkpoint directory, loaded with its own code, whose ``save_pretrained`` then writes that code next to the
+merged weights), the adapters (LoRA and the
 ``modules_to_save`` parts trained in full) are applied with peft and merged into the weights, and the result is
 saved with the tokenizer (the adapter folder's, else the base model's). The training process is never touched, so
 this also works at the end of a run (`save_merged_model: true`) without a second copy of the model on the device.
@@ -27,13 +30,21 @@ BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TINY_WARM = "builtin:tiny-warm"
 
 
-def load_base_model(name: str, seed: int = 0, dtype="auto"):
+def load_base_model(name: str, seed: int = 0, dtype="auto", backend: str = "native"):
     """(model, tokenizer) of a base model: a native Sa2VA directory, ``builtin:tiny-warm``, or ``builtin:tiny``
-    (the tiny random model, rebuilt from ``seed``)."""
+    (the tiny random model, rebuilt from ``seed``); ``backend="remote"``: a published checkpoint directory, loaded with
+    its own code (`sa2va_trl.models.remote.load_published_sa2va`; that runs the checkpoint's Python files)."""
     import transformers
 
     from sa2va_trl.models.modeling_sa2va import Sa2VAModel
 
+    if backend == "remote":
+        from sa2va_trl.models.remote import load_published_sa2va
+
+        return load_published_sa2va(name, dtype=dtype), transformers.AutoTokenizer.from_pretrained(
+            name, trust_remote_code=True)
+    if backend != "native":
+        raise ValueError(f"backend must be 'native' or 'remote', got {backend!r}.")
     if name == BUILTIN_TINY:
         from sa2va_trl.models.tiny import build_tiny_model
 
@@ -51,7 +62,8 @@ def load_base_model(name: str, seed: int = 0, dtype="auto"):
     return model, transformers.AutoTokenizer.from_pretrained(name)
 
 
-def merge_lora(adapter_dir: str, output_dir: str, base_model: str | None = None, seed: int = 0, dtype="auto") -> str:
+def merge_lora(adapter_dir: str, output_dir: str, base_model: str | None = None, seed: int = 0, dtype="auto",
+               backend: str = "native") -> str:
     """Merge the adapters of ``adapter_dir`` into their base model and save the standalone model to ``output_dir``.
 
     Args:
@@ -60,6 +72,7 @@ def merge_lora(adapter_dir: str, output_dir: str, base_model: str | None = None,
         base_model: overrides ``base_model_name_or_path`` of the adapter config (see `load_base_model`).
         seed: the seed of a ``builtin:tiny`` base.
         dtype: weight dtype of the base model (``"auto"``: as saved).
+        backend: ``"native"`` or ``"remote"`` (the run's `model_backend`).
 
     Returns:
         ``output_dir``.
@@ -75,12 +88,12 @@ def merge_lora(adapter_dir: str, output_dir: str, base_model: str | None = None,
     name = base_model or config.base_model_name_or_path
     if not name:
         raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass base_model (--base-model).")
-    model, tokenizer = load_base_model(name, seed=seed, dtype=dtype)
+    model, tokenizer = load_base_model(name, seed=seed, dtype=dtype, backend=backend)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     os.makedirs(output_dir, exist_ok=True)
     merged.save_pretrained(output_dir)
     if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=backend == "remote")
     tokenizer.save_pretrained(output_dir)
     logger.info("Merged %s into %s: %s", adapter_dir, name, output_dir)
     return output_dir
@@ -92,9 +105,11 @@ def main(argv=None) -> int:
     parser.add_argument("output_dir", help="where the merged standalone model goes")
     parser.add_argument("--base-model", default=None, help="base model (default: adapter_config.json's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a builtin:tiny base model")
+    parser.add_argument("--backend", default="native", choices=["native", "remote"],
+                        help="the run's model_backend (remote: the base is loaded with its own code)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s - %(name)s - %(message)s")
-    merge_lora(args.adapter_dir, args.output_dir, base_model=args.base_model, seed=args.seed)
+    merge_lora(args.adapter_dir, args.output_dir, base_model=args.base_model, seed=args.seed, backend=args.backend)
     print(args.output_dir)
     return 0
 

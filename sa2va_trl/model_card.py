@@ -85,6 +85,7 @@ def build_model_card(
     files: Sequence[str] = (),
     tags: Sequence[str] | None = None,
     versions: Mapping[str, str] | None = None,
+    policy_class: str = "Sa2VAPolicy",
 ) -> str:
     """The model card as Markdown with YAML metadata.
 
@@ -101,6 +102,8 @@ def build_model_card(
         files: top-level names present in the folder (decides which loading instructions are shown).
         tags: extra Hub tags.
         versions: ``{package: version}`` for the framework section (default: the installed ones).
+        policy_class: the adapter that loads the folders (`Sa2VAPolicy`, or `RemoteSa2VAPolicy` for published
+            remote-code models) in the loading code.
     """
     from huggingface_hub import ModelCardData
 
@@ -224,11 +227,11 @@ def build_model_card(
              if repo_id else 'path = "PATH"  # this folder')
     merged = peft_config is not None and MERGED_MODEL_DIR in files
     policy_dir = f'f"{{path}}/{MERGED_MODEL_DIR}"' if merged else "path"
-    lines += ["## Use", "", "```python", fetch, "from sa2va_trl.models import Sa2VAPolicy", "",
-              f"policy = Sa2VAPolicy.from_pretrained({policy_dir})"]
+    lines += ["## Use", "", "```python", fetch, f"from sa2va_trl.models import {policy_class}", "",
+              f"policy = {policy_class}.from_pretrained({policy_dir})"]
     ema_dir = EMA_MERGED_MODEL_DIR if (peft_config is not None and EMA_MERGED_MODEL_DIR in files) else EMA_MODEL_DIR
     if ema_dir in files:
-        lines.append(f'ema_policy = Sa2VAPolicy.from_pretrained(f"{{path}}/{ema_dir}")')
+        lines.append(f'ema_policy = {policy_class}.from_pretrained(f"{{path}}/{ema_dir}")')
     lines += ["masks = policy.segment([image], [\"the red circle\"])  # H x W bool masks",
               "captions = policy.caption([image], [region_mask])", "```", ""]
     if peft_config is not None:
@@ -286,6 +289,8 @@ def write_model_card(trainer, model_name: str | None = None, dataset_name: str |
         peft_config=peft_config,
         files=files,
         tags=tags,
+        policy_class="RemoteSa2VAPolicy" if type(getattr(trainer, "policy", None)).__name__ == "RemoteSa2VAPolicy"
+        else "Sa2VAPolicy",
     )
     os.makedirs(folder, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

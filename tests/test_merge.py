@@ -62,6 +62,8 @@ def test_merged_lora_model_gives_the_adapted_models_outputs(tmp_path):
     tokenizer.save_pretrained(adapters)
     adapted = outputs(Sa2VAPolicy(peft_model.eval(), tokenizer), rows())
 
+    with pytest.raises(ValueError, match="backend must be 'native' or 'remote'"):
+        merge.merge_lora(str(adapters), str(tmp_path / "nowhere"), base_model="builtin:tiny", backend="vllm")
     with pytest.raises(ValueError, match="names no base model: pass base_model"):
         merge.merge_lora(str(adapters), str(tmp_path / "nowhere"))  # builtin:tiny is built in memory
     assert merge.main([str(adapters), str(tmp_path / "merged"), "--base-model", "builtin:tiny", "--seed", "0"]) == 0

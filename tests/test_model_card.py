@@ -61,6 +61,9 @@ def test_lora_card_points_at_the_merged_models_when_present(tmp_path):
     assert 'ema_policy = Sa2VAPolicy.from_pretrained(f"{path}/ema_merged_model")' in text
     plain = build_model_card(config(tmp_path), peft_config=lora, versions={}, files=["adapter_config.json"])
     assert "policy = Sa2VAPolicy.from_pretrained(path)" in plain and "ema_policy" not in plain
+    remote = build_model_card(config(tmp_path), versions={}, files=["ema_model"], policy_class="RemoteSa2VAPolicy")
+    assert "from sa2va_trl.models import RemoteSa2VAPolicy" in remote
+    assert 'ema_policy = RemoteSa2VAPolicy.from_pretrained(f"{path}/ema_model")' in remote
 
 
 @pytest.mark.parametrize("module", [model_card, checkpointing])
