@@ -182,9 +182,9 @@ def build_model_card(
         ("advantage_mode", args.advantage_mode),
         ("scale_rewards", args.scale_rewards),
         ("beta (KL to the EMA)", args.beta),
-        ("mask_action", f"{args.mask_action} (sigma {args.mask_action_sigma})" if args.mask_action else False),
+        ("mask_action", f"True (sigma {float(args.mask_action_sigma):g})" if args.mask_action else False),
         ("mask_pixel_action",
-         f"{args.mask_pixel_action} (temperature {args.mask_pixel_temperature})" if args.mask_pixel_action else False),
+         f"True (temperature {float(args.mask_pixel_temperature):g})" if args.mask_pixel_action else False),
         ("seed", args.seed),
     ]
     lines += ["## GRPO settings", "", "| setting | value |", "|---|---|"]

@@ -75,7 +75,8 @@ def test_push_records_weights_ema_card_and_a_resumable_checkpoint_and_round_trip
     assert "| mask_to_caption | `cycle_iou` (1), `caption_meteor` (0.5) | 1 |" in card_text
     assert "| caption_to_mask | `cycle_meteor` (1), `mask_iou` (0.5) | 1 |" in card_text
     assert "decay 0.99, no warm-up" in card_text and "KL reference (beta 0.04)" in card_text
-    assert "| num_generations (G) | 4 |" in card_text and "| mask_action | True (sigma 0.1) |" in card_text
+    sigma = trainer.args.mask_action_sigma
+    assert "| num_generations (G) | 4 |" in card_text and f"| mask_action | True (sigma {sigma:g}) |" in card_text
     eval_entry = next(e for e in reversed(trainer.state.log_history) if "eval_mean_iou" in e)
     assert "## Evaluation" in card_text
     assert f"| mean_iou | {eval_entry['eval_mean_iou']:.4f} |" in card_text

@@ -91,7 +91,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights_ema_and_rewards(tmp_p
     final = f"checkpoint-{MAX_STEPS}"
     for name in ("model.safetensors", "ema_state.safetensors"):
         expected, actual = load_file(str(reference / final / name)), load_file(str(killed / final / name))
-        assert expected.keys() == actual.keys() and len(expected) > 100
+        assert expected.keys() == actual.keys() and len(expected) > 10
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=f"{name}: {key}")
     expected, actual = (load_file(str(d / "ema_model" / "model.safetensors")) for d in (reference, killed))
