@@ -106,6 +106,14 @@ class Sa2VAGRPOConfig(GRPOConfig):
         default=0,
         metadata={"help": "Optimizer steps during which the EMA decay ramps up linearly from 0 to `ema_decay` (0: none)."},
     )
+    ema_save_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write the EMA as a loadable model (`ema_model/`: weights, or LoRA adapters, and the "
+            "tokenizer) into every checkpoint, and push it with each checkpoint push. The exact-resume EMA state is "
+            "in every checkpoint either way, and the final `output_dir/ema_model/` is always written."
+        },
+    )
     beta: float = field(
         default=0.04,
         metadata={"help": "KL coefficient to the EMA reference model (TRL's `beta`); 0.0 disables the KL term."},
@@ -251,6 +259,16 @@ class Sa2VAGRPOConfig(GRPOConfig):
         if self.use_vllm:
             raise ValueError("vLLM cannot run Sa2VA models: set `use_vllm: false` (sampling runs through the adapter).")
 
+    def __getstate__(self):
+        """Pickles of the config carry no Hub token. transformers writes `torch.save(args)` as `training_args.bin`
+        into every checkpoint and `output_dir`, and pushes both to the Hub, so the token given as `hub_token` would
+        otherwise be uploaded with them (a copy made with `copy.deepcopy` has no token either: it falls back to
+        `HF_TOKEN` / the saved login, the recommended way to authenticate)."""
+        state = self.__dict__.copy()
+        if state.get("hub_token") is not None:
+            state["hub_token"] = None
+        return state
+
     def loop_rewards(self, loop: str) -> tuple[list[str], list[float]]:
         """(reward names, weights) of one loop, weights defaulting to 1.0."""
         names = list(getattr(self, f"{loop}_rewards") or [])
@@ -343,6 +361,15 @@ class Sa2VAScriptArguments(ScriptArguments):
         metadata={
             "help": "Without LoRA (`use_peft: false`): train the full language model. With LoRA only the adapters "
             "train. The vision encoder and SAM2 image encoder always stay frozen."
+        },
+    )
+
+    save_merged_model: bool = field(
+        default=False,
+        metadata={
+            "help": "With LoRA (`use_peft: true`): at the end also write the policy and the EMA model with the "
+            "adapters merged into the base weights, as standalone models `merged_model/` and `ema_merged_model/` "
+            "(pushed with the rest). Any saved adapter folder can be merged later: `python -m sa2va_trl.merge`."
         },
     )
 

@@ -56,6 +56,10 @@ Files written into each ``checkpoint-<step>`` folder
 ``ema_state.safetensors`` (replicated runs) or ``ema_state_rank{r}.safetensors`` (ZeRO-3), and with
 ``save_ema_model=True`` an ``ema_model/`` folder that ``from_pretrained`` loads as the EMA model.
 Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+A plain Trainer calls ``on_save`` after it has pushed the checkpoint to the Hub and deleted old
+ones; a Trainer with `sa2va_trl.checkpointing.CheckpointingMixin` (the Sa2VA trainer) has the
+files written inside its checkpoint save instead (`save_to_checkpoint`), before the checkpoint's
+completion marker, the push and the deletion.
 
 Resuming
 --------
@@ -399,6 +403,7 @@ class EMACallback(TrainerCallback):
         self._pinned = False
         self._pinned_checkpoint: str | None = None
         self._last_global_step: int | None = None
+        self._saved_checkpoint: tuple[str, int] | None = None  # (folder, step) `save_to_checkpoint` last wrote
 
     # ---- the maths ------------------------------------------------------------------------
 
@@ -753,16 +758,23 @@ class EMACallback(TrainerCallback):
         self.current_decay = float(reader.config["current_decay"])
 
     @torch.no_grad()
-    def save_pretrained(self, save_directory: str, model: torch.nn.Module | None = None, **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory: str, model: torch.nn.Module | None = None, processing_class=None, **kwargs
+    ) -> None:
         """Save ``model`` with the EMA weights swapped in, loadable by ``from_pretrained``.
 
         Uses the model's own ``save_pretrained`` (a PeftModel saves the EMA adapters; load them onto
         the base model), or ``model.safetensors`` for a plain ``nn.Module``. Under ZeRO-3 the full
         weights are gathered one parameter at a time onto rank 0 (collective: call on every rank).
-        ``kwargs`` go to ``save_pretrained``. The live weights are restored exactly afterwards.
+        ``processing_class`` (a tokenizer or processor) is saved next to it, so the folder loads on
+        its own (e.g. ``Sa2VAPolicy.from_pretrained``). ``kwargs`` go to ``save_pretrained``. The
+        live weights are restored exactly afterwards.
         """
         target = self._model if model is None else model
         rank, _ = _dist_rank_world()
+        if rank == 0 and processing_class is not None:
+            os.makedirs(save_directory, exist_ok=True)
+            processing_class.save_pretrained(save_directory)
         with self.swapped_in(target):
             state_dict = _gather_state_dict_zero3(target) if any(_is_zero3(p) for p in target.parameters()) else None
             if rank != 0:
@@ -837,12 +849,25 @@ class EMACallback(TrainerCallback):
             self.update(model)
             self._last_global_step = state.global_step
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        """Write the EMA into the ``checkpoint-<step>`` folder the Trainer has just written."""
-        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        self.save(directory)
+    def save_to_checkpoint(self, checkpoint_dir: str, model=None, processing_class=None) -> None:
+        """Write the EMA state (and, with ``save_ema_model``, the loadable ``ema_model/`` with the processing
+        class) into a checkpoint folder. Collective under ZeRO-3: call it on every process.
+
+        `sa2va_trl.checkpointing.CheckpointingMixin` calls it inside the checkpoint save, before the completion
+        marker, the Hub push and the deletion of old checkpoints; ``on_save`` then skips the folder.
+        """
+        self.save(checkpoint_dir)
         if self.save_ema_model:
-            self.save_pretrained(os.path.join(directory, EMA_MODEL_DIR), model)
+            self.save_pretrained(os.path.join(checkpoint_dir, EMA_MODEL_DIR), model, processing_class=processing_class)
+        self._saved_checkpoint = (os.path.abspath(checkpoint_dir), self.step)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """Write the EMA into the ``checkpoint-<step>`` folder the Trainer has just written (unless the trainer
+        already had it written through `save_to_checkpoint`)."""
+        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self._saved_checkpoint == (os.path.abspath(directory), self.step):
+            return
+        self.save_to_checkpoint(directory, model, kwargs.get("processing_class"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Add ``ema/decay`` to the logs (and to the entry the Trainer just put in ``log_history``)."""

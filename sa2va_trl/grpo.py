@@ -31,9 +31,9 @@ from collections.abc import Sequence
 import datasets
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser
 
+from sa2va_trl.checkpointing import get_last_complete_checkpoint, resolve_resume_checkpoint
 from sa2va_trl.compat import maybe_apply_cpu_deepspeed_fix
 
 logger = logging.getLogger("sa2va_trl.grpo")
@@ -336,6 +336,53 @@ def policy_factory(script_args):
     return native_policy
 
 
+def resume_checkpoint(training_args) -> str | None:
+    """The checkpoint the run resumes from: `resume_from_checkpoint` when the recipe sets it (a path, or true = the
+    last complete checkpoint of output_dir, false = start over), else the last complete checkpoint of output_dir if
+    there is one. Incomplete checkpoints (interrupted saves) are skipped with a warning."""
+    requested = training_args.resume_from_checkpoint
+    if requested is None:
+        checkpoint = get_last_complete_checkpoint(training_args.output_dir)
+    else:
+        checkpoint = resolve_resume_checkpoint(requested, training_args.output_dir)
+    if checkpoint is not None:
+        logger.info("Resuming training at %s.", checkpoint)
+    return checkpoint
+
+
+def describe_data(script_args, seed: int) -> dict:
+    """What the model card says about the training data."""
+    if script_args.dataset_format == "synthetic":
+        return {"dataset": f"the synthetic shapes world of sa2va-trl ({script_args.synthetic_images} training images, "
+                           f"seed {seed})"}
+    hub_id = script_args.dataset_name if script_args.dataset_format == "hf" else None
+    return {"dataset": f"`{script_args.dataset_name}` ({script_args.dataset_format})", "dataset_id": hub_id}
+
+
+def save_final_models(trainer, ema, tokenizer, output_dir: str, merge_base: str | None = None, seed: int = 0,
+                      backend: str = "native") -> None:
+    """The end of a run: the policy and its tokenizer in `output_dir`, the EMA model with the tokenizer in
+    `output_dir/ema_model` (both load with the backend's `from_pretrained`: `Sa2VAPolicy` / `RemoteSa2VAPolicy`). With
+    `merge_base` (LoRA runs asking for `save_merged_model`), also both with the adapters merged into that base:
+    `merged_model/`, `ema_merged_model/`.
+
+    Nothing is pushed here (the push, with the model card, comes once at the end of `main`)."""
+    from sa2va_trl.merge import merge_lora
+    from sa2va_trl.model_card import EMA_MERGED_MODEL_DIR, EMA_MODEL_DIR, MERGED_MODEL_DIR
+
+    trainer.save_model(output_dir, _internal_call=True)  # every rank (gathers under DeepSpeed); no push yet
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+    # every rank: under ZeRO-3 the EMA model is gathered from all ranks' slices (rank 0 writes it)
+    ema.save_pretrained(os.path.join(output_dir, EMA_MODEL_DIR), trainer.model, processing_class=tokenizer)
+    if merge_base is not None and trainer.accelerator.is_main_process:
+        merge_lora(output_dir, os.path.join(output_dir, MERGED_MODEL_DIR), base_model=merge_base, seed=seed,
+                   backend=backend)
+        merge_lora(os.path.join(output_dir, EMA_MODEL_DIR), os.path.join(output_dir, EMA_MERGED_MODEL_DIR),
+                   base_model=merge_base, seed=seed, backend=backend)
+    trainer.accelerator.wait_for_everyone()
+
+
 # --- command line --------------------------------------------------------------------------------------------------
 
 
@@ -386,12 +433,8 @@ def main(script_args, training_args, model_args):
     logger.info("Training arguments %s", training_args)
     drop_missing_reporters(training_args)
 
-    # Resume from the last checkpoint
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-    if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-        logger.info("Checkpoint detected, resuming training at %s.", last_checkpoint)
+    # Resume from the last complete checkpoint (or the one the recipe names)
+    checkpoint = resume_checkpoint(training_args)
 
     # Data (the model source is checked first: a remote checkpoint without trust_remote_code fails fast)
     check_model_source(model_args, training_args, script_args.model_backend)
@@ -415,6 +458,7 @@ def main(script_args, training_args, model_args):
         decay=training_args.ema_decay,
         warmup="linear" if training_args.ema_warmup_steps else "none",
         warmup_steps=training_args.ema_warmup_steps,
+        save_ema_model=training_args.ema_save_model,
     )
 
     # Trainer
@@ -429,13 +473,14 @@ def main(script_args, training_args, model_args):
         peft_config=peft_config,
         policy_cls=policy_factory(script_args),
     )
+    trainer.model_card_info = {"base_model": model_args.model_name_or_path,
+                               **describe_data(script_args, training_args.seed)}
 
     # Sample overlays (images of rollouts) for TensorBoard / W&B / trackio
     if training_args.sample_overlay_steps:
         SampleOverlayCallback(trainer.recent_samples, every_n_steps=training_args.sample_overlay_steps).attach_to(trainer)
 
     # Train
-    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     training_args.resume_from_checkpoint = checkpoint  # callbacks (the EMA) read the path from here
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = train_result.metrics
@@ -444,11 +489,15 @@ def main(script_args, training_args, model_args):
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
-    # Save
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        ema.save_pretrained(os.path.join(training_args.output_dir, "ema_model"), trainer.model)
+    # Save: the policy, the EMA model (and with LoRA, on request, both merged into standalone models)
+    merge_base = None
+    if script_args.save_merged_model:
+        if model_args.use_peft:
+            merge_base = model_args.model_name_or_path or TINY_MODEL
+        else:
+            logger.warning("save_merged_model: the model is trained in full, so output_dir is already standalone.")
+    save_final_models(trainer, ema, tokenizer, training_args.output_dir, merge_base=merge_base, seed=training_args.seed,
+                      backend=script_args.model_backend)
     logger.info("Model saved to %s", training_args.output_dir)
 
     # Evaluate (referring-segmentation IoU and captioning METEOR / exact match on the evaluation rows)
@@ -457,7 +506,8 @@ def main(script_args, training_args, model_args):
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    # Push
+    # Model card (README.md: base model, loops, rewards, EMA, evaluation) and push
+    trainer.create_model_card()
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=["sa2va-trl"])
     return trainer

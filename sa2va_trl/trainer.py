@@ -31,6 +31,7 @@ from accelerate.utils import gather_object
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from trl import GRPOTrainer
 
+from sa2va_trl.checkpointing import CheckpointingMixin
 from sa2va_trl.config import CAPTION_TO_MASK, LOOPS, MASK_TO_CAPTION, Sa2VAGRPOConfig
 from sa2va_trl.ema import EMACallback
 from sa2va_trl.mask_actions import (
@@ -373,7 +374,7 @@ class _Generation:
 # --- the trainer -----------------------------------------------------------------------------------------------------
 
 
-class Sa2VAGRPOTrainer(GRPOTrainer):
+class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
     """GRPO for Sa2VA: both cycle loops per batch, log-probs through `Sa2VAPolicy`, the EMA as partner and reference.
 
     Args:
@@ -406,7 +407,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
     - `_compute_loss`: wraps TRL's to tell the log-prob method which samples the micro-batch holds (TRL forwards
       only its fixed VLM keyword arguments).
 
-    Also replaced: transformers' `evaluate` (segmentation / captioning metrics, see its docstring).
+    Also replaced: transformers' `evaluate` (segmentation / captioning metrics, see its docstring) and TRL's
+    `create_model_card` (this package's card, `sa2va_trl.model_card`: loops, rewards, EMA, evaluation table).
+    Checkpoints come from `sa2va_trl.checkpointing.CheckpointingMixin`: complete or ignored on resume (a completion
+    marker written last), the EMA files inside before the Hub push, exact data order on resume in any epoch.
 
     Sampling uses TRL's `rollout_func` hook (set to `self._rollout`). Loop weights scale that loop's advantages.
     Under DDP the training forward runs as the wrapper's forward (`forward_through_wrapper`) so gradients are
@@ -666,6 +670,19 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         loop.pixel_action = [m.cpu() for m in masks]
         self._metrics[mode]["mask_action/pixel_flip_frac"].append(flip_fraction(out.mask_logits, masks))
         return [m.cpu().numpy() for m in masks]
+
+    # --- model card -------------------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **unused):
+        """Write this package's model card to ``output_dir/README.md`` (`sa2va_trl.model_card.write_model_card`):
+        base model, loops, rewards and weights, EMA, GRPO settings, the last evaluation, files, loading code. TRL
+        calls it at every checkpoint save and transformers' `push_to_hub` before uploading. The base model and data
+        description come from ``self.model_card_info`` (the entry point fills it)."""
+        if not self.is_world_process_zero():
+            return
+        from sa2va_trl.model_card import write_model_card
+
+        write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
 
     # --- evaluation -------------------------------------------------------------------------------------------------
 
