@@ -5,9 +5,10 @@ Single process (the CPU demo, a few minutes on 2 cores):
     python -m sa2va_trl.grpo recipes/demo.yaml
     python -m sa2va_trl.grpo --config recipes/demo.yaml --max_steps 5 --output_dir /tmp/run
 
-Eight GPUs with DeepSpeed ZeRO-2 (ZeRO-3 is refused for now):
+Eight GPUs with DeepSpeed ZeRO-2 or ZeRO-3:
 
     accelerate launch --config_file accelerate_configs/zero2.yaml -m sa2va_trl.grpo recipes/cycle.yaml
+    accelerate launch --config_file accelerate_configs/zero3.yaml -m sa2va_trl.grpo recipes/cycle.yaml
 
 The recipe holds the fields of `Sa2VAScriptArguments` (data, backend, trainable parts), `Sa2VAGRPOConfig` (TRL's
 GRPO settings plus loops, rewards, EMA, mask action) and TRL's `ModelConfig` (model path, LoRA); command-line flags
@@ -301,10 +302,11 @@ def main(script_args, training_args, model_args):
     trainer.save_state()
 
     # Save
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
+    trainer.save_model(training_args.output_dir)  # under ZeRO-3: gathered, when the DeepSpeed config says so
     if trainer.accelerator.is_main_process:
-        ema.save_pretrained(os.path.join(training_args.output_dir, "ema_model"), trainer.model)
+        tokenizer.save_pretrained(training_args.output_dir)
+    # every rank: under ZeRO-3 the EMA model is gathered from all ranks' slices (rank 0 writes it)
+    ema.save_pretrained(os.path.join(training_args.output_dir, "ema_model"), trainer.model)
     logger.info("Model saved to %s", training_args.output_dir)
 
     # Evaluate (referring-segmentation IoU and captioning METEOR / exact match on the evaluation rows)

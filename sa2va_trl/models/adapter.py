@@ -419,6 +419,11 @@ class Sa2VAPolicy:
         # Frozen-encoder outputs per (encoder, model, device, image content), shared by every batch; see `_encode`.
         self._feature_cache: dict[tuple, tuple[bool, list[torch.Tensor]]] = {}
         self.feature_cache_size = 512  # entries (one per encoder and image)
+        # transformers' `generate` keeps all processes stepping together under DeepSpeed ZeRO-3 (an all-reduce per
+        # token, `synced_gpus`), which deadlocks when ranks make different numbers of `sample` calls. A caller that
+        # has gathered the whole model first (the trainer's rollouts, reverse model and evaluation) sets False;
+        # None leaves transformers' default.
+        self.synced_gpus: bool | None = None
         vision, sam_encoder = self.core.vision_model, self.core.grounding_encoder.vision_encoder
         self._hooks = [
             vision.register_forward_pre_hook(self._count_hook("vision", vision), with_kwargs=True),
@@ -890,6 +895,7 @@ class Sa2VAPolicy:
                     attention_mask=prompt_mask,
                     generation_config=generation_config,
                     logits_processor=LogitsProcessorList(processors),
+                    **({} if self.synced_gpus is None else {"synced_gpus": self.synced_gpus}),
                 )
         finally:
             hook.remove()
