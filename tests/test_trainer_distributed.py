@@ -129,6 +129,18 @@ def test_zero3_steps_match_a_single_process_run_with_the_same_global_batch(zero3
     assert_steps_match(r0["log_history"], reference)
 
 
+def test_zero3_reverse_model_swaps_the_ema_slices_in_then_gathers(zero3_dir, reference):
+    """`reverse_model()`: each rank's slice of the gathered weights is its EMA shadow, rank r makes r + 1 reverse
+    calls inside (no collective), the live slices come back exactly; the EMA model captions like the
+    single-process run's."""
+    r0, r1 = reports(zero3_dir)
+    for r in (r0, r1):
+        assert r["reverse_is_ema"] and r["live_restored"] and r["ema_differs_from_live"]
+    assert len(r0["reverse_captions"]) == 1 and len(r1["reverse_captions"]) == 2
+    assert r1["reverse_captions"] == reference["reverse_captions"]
+    assert r0["reverse_captions"] == reference["reverse_captions"][:1]
+
+
 def test_zero3_evaluation_inside_training_gives_every_rank_the_same_metrics(zero3_dir):
     r0, r1 = reports(zero3_dir)
     evals = [[e for e in r["log_history"] if "eval_mean_iou" in e] for r in (r0, r1)]

@@ -7,7 +7,7 @@ in-process as the single-process reference). Launched by tests/test_trainer_dist
 Every run samples with `per_sample_seeds`, so a sample does not depend on the process that draws it
 (`EVAL_FLAGS` add an evaluation inside training). After `main` returns (model saved, evaluation done) each rank
 writes OUT/report_rank{r}.json: world size, ZeRO stage, its log history, the loops of each training forward,
-and for every parameter its full
+a check of the reverse (EMA) model (`check_reverse_model`), and for every parameter its full
 size, the size of this rank's partition and how many elements are materialised now (ZeRO-3: only the
 partition should exist between steps), plus the sum of all (gathered) weights. Rank 0 also writes
 OUT/gathered.pt, the full weights gathered from the ranks' partitions, to compare with the saved model.
@@ -82,6 +82,27 @@ def _full(param: torch.Tensor) -> torch.Tensor:
         return param.detach().cpu().clone()
 
 
+def check_reverse_model(trainer) -> dict:
+    """Inside `trainer.reverse_model()` (collective under ZeRO-3): does every trainable parameter hold the EMA
+    (this rank's slice of the gathered tensor equals the EMA shadow), and can this rank call the reverse model a
+    number of times the other rank does not match (rank r captions r + 1 rows)? After it: are the live weights
+    back bit for bit?"""
+    ema, rank = trainer.ema, trainer.accelerator.process_index
+    rows = trainer._eval_rows if trainer._eval_rows is not None else trainer.train_dataset
+    live = {name: slot.local().detach().clone() for name, slot in ema._slots.items()}
+    with trainer.reverse_model():
+        is_ema = all(
+            torch.equal(slot.param.data.reshape(-1).narrow(0, slot.offset, slot.length), ema.shadow[name].reshape(-1))
+            for name, slot in ema._slots.items()
+        )
+        count = rank + 1 if trainer.accelerator.num_processes > 1 else 2  # one process: what rank 1 does
+        captions = [trainer.reverse_policy.caption([rows[i]["img"]], [rows[i]["region_mask"]])[0] for i in range(count)]
+    restored = all(torch.equal(slot.local(), live[name]) for name, slot in ema._slots.items())
+    differs = any(not torch.equal(live[name], ema.shadow[name].view_as(live[name])) for name in live)
+    return {"reverse_is_ema": is_ema, "live_restored": restored, "ema_differs_from_live": differs,
+            "reverse_captions": captions}
+
+
 def report(trainer, output_dir: str) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
@@ -96,6 +117,7 @@ def report(trainer, output_dir: str) -> dict:
             "persistent": bool(getattr(p, "ds_persist", False)),
         }
     gathered = {name: _full(p) for name, p in model.named_parameters()}  # every rank: collective under ZeRO-3
+    reverse = check_reverse_model(trainer)
     result = {
         "rank": rank,
         "world": world,
@@ -106,6 +128,7 @@ def report(trainer, output_dir: str) -> dict:
         "forward_loops": FORWARD_LOOPS,
         "params": params,
         "weight_sum": sum(float(t.double().sum()) for t in gathered.values()),
+        **reverse,
     }
     with open(os.path.join(output_dir, f"report_rank{rank}.json"), "w") as f:
         json.dump(result, f)
