@@ -496,7 +496,11 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self._gathered = False  # inside `full_parameters` (ZeRO-3)
         self._ema_swapped = False  # inside `ema_weights`
         # The loops every rank's training forward runs under DeepSpeed (`uniform_forward`), in `LOOPS` order.
-        self._forward_loops = tuple(loop for loop in LOOPS if loop in set(self.train_dataset[TASK_COLUMN]))
+        present = (
+            set(self.train_dataset.unique(TASK_COLUMN)) if isinstance(self.train_dataset, datasets.Dataset)
+            else set(args.loops)
+        )
+        self._forward_loops = tuple(loop for loop in LOOPS if loop in present)
 
     # --- setup helpers ----------------------------------------------------------------------------------------------
 
