@@ -1,8 +1,8 @@
 """Two processes on the CPU under real DeepSpeed, against one process with the same global batch.
 
 Runs of recipes/demo.yaml (3 steps, seed 13, 12 rows per process, `per_sample_seeds` so that every sample is
-drawn the same whichever process draws it), each launched once per test module (on 2 shared cores: ~1 min per
-launch, ~1.5 min for the single-process reference):
+drawn the same whichever process draws it), each launched once per test module (on 2 cores: 20-30 s per launch
+when idle, about twice that when other jobs share them):
 
 - ZeRO-3 with every parameter partitioned (accelerate_configs/cpu_zero3_partitioned.yaml), through
   tests/dist_scripts/grpo_run.py, which reports each rank's view after training; it evaluates inside training;
