@@ -166,6 +166,19 @@ class Sa2VAGRPOConfig(GRPOConfig):
         metadata={"help": "Temperature of the pixel action: above 1 flips more boundary pixels (more exploration)."},
     )
 
+    # Sampling
+    per_sample_seeds: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw each sample's tokens and mask action from its own random generator, seeded from (`seed`, "
+            "the step, the sample's position in the global generation batch), instead of the process's global RNG. "
+            "A sample then depends only on the weights and its row, not on how the generation batch is split over "
+            "processes or batched: a multi-process (DDP / ZeRO-2 / ZeRO-3) run samples what a single-process run "
+            "with the same global batch samples, and a resumed run what the uninterrupted run sampled. Costs one "
+            "random number per vocabulary entry per sample and token."
+        },
+    )
+
     # Logging
     sample_overlay_steps: int = field(
         default=0,

@@ -5,9 +5,10 @@ Single process (the CPU demo, a few minutes on 2 cores):
     python -m sa2va_trl.grpo recipes/demo.yaml
     python -m sa2va_trl.grpo --config recipes/demo.yaml --max_steps 5 --output_dir /tmp/run
 
-Eight GPUs with DeepSpeed ZeRO-2 (ZeRO-3 is refused for now):
+Eight GPUs with DeepSpeed ZeRO-2 or ZeRO-3:
 
     accelerate launch --config_file accelerate_configs/zero2.yaml -m sa2va_trl.grpo recipes/cycle.yaml
+    accelerate launch --config_file accelerate_configs/zero3.yaml -m sa2va_trl.grpo recipes/cycle.yaml
 
 The recipe holds the fields of `Sa2VAScriptArguments` (data, backend, trainable parts), `Sa2VAGRPOConfig` (TRL's
 GRPO settings plus loops, rewards, EMA, mask action) and TRL's `ModelConfig` (model path, LoRA); command-line flags

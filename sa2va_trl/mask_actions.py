@@ -42,15 +42,21 @@ def prompt_action_logprob(action: torch.Tensor, mu: torch.Tensor, scale: torch.T
 
 
 def sample_pixel_action(
-    mask_logits: Sequence[torch.Tensor], temperature: float, generator: torch.Generator | None = None
+    mask_logits: Sequence[torch.Tensor],
+    temperature: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> list[torch.Tensor]:
-    """One Bernoulli(sigmoid(logit / temperature)) draw per pixel of each (H_i, W_i) logit map; bool masks."""
+    """One Bernoulli(sigmoid(logit / temperature)) draw per pixel of each (H_i, W_i) logit map; bool masks.
+    `generator` is one generator for all maps or one per map (per-sample seeding)."""
     if temperature <= 0:
         raise ValueError(f"the pixel action's temperature must be > 0, got {temperature}")
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(mask_logits)
+    if len(generators) != len(mask_logits):
+        raise ValueError(f"{len(generators)} generators for {len(mask_logits)} logit maps")
     masks = []
-    for logits in mask_logits:
+    for logits, g in zip(mask_logits, generators):
         probs = torch.sigmoid(logits.detach().float() / temperature)
-        masks.append(torch.rand(probs.shape, generator=generator, device=probs.device) < probs)
+        masks.append(torch.rand(probs.shape, generator=g, device=probs.device) < probs)
     return masks
 
 

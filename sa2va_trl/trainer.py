@@ -18,6 +18,7 @@ checkpointing stay TRL's.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -272,6 +273,9 @@ class EMAReversePolicy:
 
     It offers the adapter's greedy `caption(images, region_masks)` and `segment(images, texts)`; the trainer passes
     it to the rewards as the `reverse_policy` column. Without an EMA shadow (before training starts) it is the policy.
+    Each call runs inside `trainer.reverse_model()`; the trainer holds that context around all reward calls of a
+    step (under ZeRO-3 it is collective: the EMA slices swapped in, then the whole model gathered once, so the
+    rank-dependent reverse calls issue no collective).
 
     Degenerate inputs are the policy's own failures, not bad data, so they score lowest instead of stopping the run:
     an empty mask, or a region too small for the token grid, gets the caption ""; an empty text gets an all-False mask.
@@ -289,7 +293,7 @@ class EMAReversePolicy:
         masks = [np.asarray(as_mask(m), dtype=bool) for m in region_masks]
         keep = [i for i, m in enumerate(masks) if m.any()]
         out = [""] * len(masks)
-        with self._trainer.ema_weights():
+        with self._trainer.reverse_model():
             for i, text in zip(keep, self._call_skipping_bad(self.policy.caption, images, masks, keep, **kwargs)):
                 out[i] = text if text is not None else ""
         return out
@@ -298,7 +302,7 @@ class EMAReversePolicy:
     def segment(self, images, texts, **kwargs) -> list[np.ndarray]:
         keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
         out = [np.zeros(_image_hw(image), dtype=bool) for image in images]
-        with self._trainer.ema_weights():
+        with self._trainer.reverse_model():
             for i, mask in zip(keep, self._call_skipping_bad(self.policy.segment, images, texts, keep, **kwargs)):
                 if mask is not None:
                     out[i] = mask
@@ -414,7 +418,12 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
 
     Sampling uses TRL's `rollout_func` hook (set to `self._rollout`). Loop weights scale that loop's advantages.
     Under DDP the training forward runs as the wrapper's forward (`forward_through_wrapper`) so gradients are
-    all-reduced; DeepSpeed ZeRO-2 is supported, ZeRO-3 refused.
+    all-reduced. DeepSpeed ZeRO-2 and ZeRO-3 are supported: the training forward calls the same modules on every
+    rank (`_get_per_token_logps_and_entropies`, `uniform_forward`), and under ZeRO-3, where every module call
+    gathers its parameters (a collective all ranks must join), whatever differs between ranks runs inside one full
+    gather (`full_parameters`): sampling and mask decoding (`_rollout`), all reward calls with the reverse model
+    (`reverse_model`: EMA slices swapped in, then gathered) and `evaluate`. `per_sample_seeds` makes the samples
+    independent of how the batch is split over processes.
     """
 
     def __init__(
@@ -488,7 +497,7 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
             )
         finally:
             args.beta = beta
-        self._refuse_zero3()
+        self._check_zero3()
         self.ema.add_to(self)  # before the reporting callbacks, so `ema/decay` is logged
         self.beta = beta
         self.ref_model = _EMAReference() if beta != 0.0 else None
@@ -500,19 +509,40 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         self._generation: _Generation | None = None
         self._active_samples: torch.Tensor | None = None
         self._last_rewards_per_func: torch.Tensor | None = None
+        self._gathered = False  # inside `full_parameters` (ZeRO-3)
+        self._ema_swapped = False  # inside `ema_weights`
+        # The loops every rank's training forward runs under DeepSpeed (`uniform_forward`), in `LOOPS` order.
+        present = (
+            set(self.train_dataset.unique(TASK_COLUMN)) if isinstance(self.train_dataset, datasets.Dataset)
+            else set(args.loops)
+        )
+        self._forward_loops = tuple(loop for loop in LOOPS if loop in present)
 
     # --- setup helpers ----------------------------------------------------------------------------------------------
 
-    def _refuse_zero3(self) -> None:
-        """ZeRO-3 makes every submodule call a collective; the rollouts, the reverse-model calls and the per-loop
-        training forwards differ between ranks (generation lengths, loop mix), so they would deadlock. Refuse it
-        up front instead."""
+    @property
+    def zero3(self) -> bool:
+        """Whether DeepSpeed ZeRO-3 partitions the model (every submodule call is then a collective)."""
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
+    @property
+    def uniform_forward(self) -> bool:
+        """Whether every process must run the same modules in its training forward: under DeepSpeed with several
+        processes. ZeRO-3 gathers each module's parameters as it runs (a collective); ZeRO-1/2 (and 3) reduce the
+        gradients in buckets, which must hold the same parameters on every rank."""
+        return bool(self.is_deepspeed_enabled and self.accelerator.num_processes > 1)
+
+    def _check_zero3(self) -> None:
+        """Under ZeRO-3 each submodule call all-gathers its parameters, a collective every rank must join. Rollouts,
+        reverse-model calls and evaluation differ between ranks (generation lengths, loop mix, skipped rows), so
+        they run inside `full_parameters` (one gather, hooks removed); the training forward calls the same modules
+        on every rank (`_get_per_token_logps_and_entropies`). That needs TRL's generation gather."""
+        if self.zero3 and not self.args.ds3_gather_for_generation:
             raise ValueError(
-                "Sa2VAGRPOTrainer does not support DeepSpeed ZeRO-3 yet (rank-dependent rollouts and reverse-model "
-                "calls would deadlock its per-module collectives). Use ZeRO-2 "
-                "(accelerate_configs/zero2.yaml), which is tested, or DDP."
+                "`ds3_gather_for_generation: false` is not supported by Sa2VAGRPOTrainer: its rollouts and reverse-"
+                "model calls differ between ranks and run under one full gather of the parameters (without it, "
+                "ZeRO-3's per-module collectives would deadlock). Remove the setting (default true)."
             )
 
     def _with_tasks(self, dataset, loops):
@@ -547,11 +577,67 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
 
     @contextlib.contextmanager
     def ema_weights(self):
-        """Swap the EMA weights into the policy for the duration of the block (no-op without an EMA shadow)."""
-        if self.ema is None or not self.ema.is_attached:
+        """Swap the EMA weights into the policy for the duration of the block (no-op without an EMA shadow, and
+        inside another `ema_weights` block). Collective under ZeRO-3, and then not allowed inside `full_parameters`
+        (the gathered copies would keep the live weights): enter it first, as `reverse_model` does."""
+        if self.ema is None or not self.ema.is_attached or self._ema_swapped:
             yield
             return
-        with self.ema.swapped_in():  # the model the callback attached to at train begin
+        if self._gathered:
+            raise RuntimeError(
+                "ema_weights() inside full_parameters(): under ZeRO-3 swap the EMA in first, then gather "
+                "(`reverse_model()` does both)."
+            )
+        self._ema_swapped = True
+        try:
+            with self.ema.swapped_in():  # the model the callback attached to at train begin
+                yield
+        finally:
+            self._ema_swapped = False
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """Under ZeRO-3: every parameter of the model gathered whole on this rank for the block, with DeepSpeed's
+        per-module hooks removed and `generate`'s per-token rank synchronisation off (`policy.synced_gpus`), so the
+        block may call any module and sample any number of times without a collective (TRL's generation gather,
+        `ds3_gather_for_generation`). Collective: every rank must enter it, once. Nested blocks and other backends:
+        no-op. No backward may run inside (the hooks that partition gradients are off).
+        """
+        if not self.zero3 or self._gathered:
+            yield
+            return
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        engine = self.model_wrapped if isinstance(self.model_wrapped, deepspeed.DeepSpeedEngine) else None
+        if engine is not None and getattr(engine, "optimizer", None) is None:
+            engine = None  # no partitioning hooks installed yet
+        parameters = [p for p in self.policy.model.parameters() if hasattr(p, "ds_id")]
+        synced = getattr(self.policy, "synced_gpus", None)
+        with deepspeed.zero.GatheredParameters(parameters):
+            if engine is not None:
+                remove_hooks(engine)
+            self._gathered = True
+            if hasattr(self.policy, "synced_gpus"):
+                self.policy.synced_gpus = False  # nothing to keep in step: every module is local now
+            try:
+                yield
+            finally:
+                self._gathered = False
+                if hasattr(self.policy, "synced_gpus"):
+                    self.policy.synced_gpus = synced
+                if engine is not None:
+                    add_hooks(engine)
+
+    @contextlib.contextmanager
+    def reverse_model(self):
+        """The reverse (EMA) model for the block: the EMA weights swapped in, then (ZeRO-3) gathered whole.
+
+        Under ZeRO-3 the EMA holds this rank's slices only, so the slices are swapped in first and the gather
+        assembles the EMA model from them; on exit the gathered copies are dropped and the live slices restored
+        exactly. Collective under ZeRO-3 (every rank enters it); reentrant.
+        """
+        with self.ema_weights(), self.full_parameters():
             yield
 
     # --- sampling (TRL's rollout_func hook) -------------------------------------------------------------------------
@@ -570,6 +656,17 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         clear = getattr(self.policy, "clear_feature_cache", None)
         if clear is not None:
             clear()
+        n = len(inputs)
+        if self.zero3 and hasattr(self.policy, "feature_cache_size"):
+            # Under ZeRO-3 a training forward must never miss the cache on one rank only (the frozen encoder would
+            # then run, and gather, there alone): keep every image of the batch (one entry per encoder).
+            self.policy.feature_cache_size = max(self.policy.feature_cache_size, 2 * n)
+        # Sampling and mask decoding differ between ranks (generation lengths, loop mix): one gather, no
+        # per-module collectives inside (ZeRO-3; elsewhere a no-op).
+        with self.full_parameters():
+            return self._rollout_gathered(inputs)
+
+    def _rollout_gathered(self, inputs: list[dict]) -> dict[str, Any]:
         mode = "train" if self.model.training else "eval"
         n = len(inputs)
         tasks = [row[TASK_COLUMN] for row in inputs]
@@ -584,7 +681,7 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
             if not positions:
                 continue
             with torch.no_grad():
-                rollout = self._sample_loop(task, [inputs[i] for i in positions])
+                rollout = self._sample_loop(task, [inputs[i] for i in positions], positions)
             loop = _LoopRollout(batch=rollout.batch, positions=positions)
             for j, i in enumerate(positions):
                 length = int(rollout.completion_mask[j].sum())
@@ -601,8 +698,11 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
                 no_seg.append((~rollout.has_seg).float())
             generation.loops[task] = loop
         self._generation = generation
-        # Every process gathers (a rank may hold no loop-2 rows): [completions without [SEG], loop-2 completions]
-        counts = torch.tensor([sum(float(x.sum()) for x in no_seg), sum(x.numel() for x in no_seg)])
+        # Every process gathers (a rank may hold no loop-2 rows): [completions without [SEG], loop-2 completions],
+        # float32 on every rank (an empty sum is an int, and gathering mismatched dtypes breaks the collective)
+        counts = torch.tensor(
+            [sum(float(x.sum()) for x in no_seg), sum(x.numel() for x in no_seg)], dtype=torch.float32
+        )
         counts = self.accelerator.gather(counts.to(self.accelerator.device)).view(-1, 2).sum(dim=0)
         if counts[1] > 0:
             self._metrics[mode][f"loops/{CAPTION_TO_MASK}/frac_no_seg"].append((counts[0] / counts[1]).item())
@@ -635,18 +735,38 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
             where = _describe_row(row) if row is not None else f"one of rows {sorted(set(row_ids))}"
             raise Sa2VARowError(f"building the {task} prompt failed on {where}: {e}") from e
 
-    def _sample_loop(self, task: str, rows: list[dict]):
-        """One batched `sample` call for one loop's rows; G samples per unique row when the rows come in groups."""
+    def _sample_generators(self, positions: list[int], stream: str, device) -> list[torch.Generator] | None:
+        """With `per_sample_seeds`: one generator per sample, seeded from (seed, step, mode, stream, the sample's
+        position in the global generation batch), so it is the same whichever process samples it. Else None."""
+        if not self.args.per_sample_seeds:
+            return None
+        if positions is None or self._rollout_inputs is None:
+            raise RuntimeError("per_sample_seeds: samples are seeded by their position in a rollout's batch.")
+        mode = "train" if self.model.training else "eval"
+        offset = self.accelerator.process_index * len(self._rollout_inputs)
+        generators = []
+        for position in positions:
+            key = f"{self.args.seed}:{self.state.global_step}:{mode}:{stream}:{offset + position}".encode()
+            seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+            generators.append(torch.Generator(device=device).manual_seed(seed))
+        return generators
+
+    def _sample_loop(self, task: str, rows: list[dict], positions: list[int] | None = None):
+        """One batched `sample` call for one loop's rows (at `positions` of the generation batch, needed with
+        `per_sample_seeds`); G samples per unique row when the rows come in groups."""
         k = self._group_runs(rows)
         batch = self._prompts_for(task, rows[::k])
+        device = self.accelerator.device
+        generators = self._sample_generators(positions, "tokens", device)
         return self.policy.sample(
-            batch.to(self.accelerator.device),
+            batch.to(device),
             num_generations=k,
             max_new_tokens=self.max_completion_length,
             temperature=self.temperature,
             top_p=self.top_p if self.top_p is not None else 1.0,
             top_k=self.top_k or 0,
             do_sample=True,
+            **({"generators": generators} if generators is not None else {}),
         )
 
     def _decode_loop2_masks(self, rollout, loop: _LoopRollout) -> list[np.ndarray]:
@@ -657,7 +777,14 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         loop.has_seg = rollout.has_seg.detach().cpu()
         mode = "train" if self.model.training else "eval"
         if self.args.mask_action:
-            prompt_embeddings, loop.seg_scale = sample_prompt_action(mu, self.args.mask_action_sigma)
+            generators = self._sample_generators(loop.positions, "mask_action", mu.device)
+            if generators is None:
+                prompt_embeddings, loop.seg_scale = sample_prompt_action(mu, self.args.mask_action_sigma)
+            else:  # one draw per sample from its own generator (`per_sample_seeds`)
+                draws = [sample_prompt_action(mu[j : j + 1], self.args.mask_action_sigma, generator=g)
+                         for j, g in enumerate(generators)]
+                prompt_embeddings = torch.cat([e for e, _ in draws])
+                loop.seg_scale = torch.cat([s for _, s in draws])
             loop.seg_action = prompt_embeddings.detach()
             if rollout.has_seg.any():  # diagnostics, this rank only: compare sigma with the scale of mu
                 rms = mu.pow(2).mean(dim=-1).sqrt()
@@ -665,7 +792,8 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         out = self.policy.decode_masks(rollout.batch, prompt_embeddings.to(rollout.seg_hidden.dtype), has_seg=rollout.has_seg)
         if not self.args.mask_pixel_action:
             return out.numpy_masks()
-        masks = sample_pixel_action(out.mask_logits, self.args.mask_pixel_temperature)
+        generators = self._sample_generators(loop.positions, "mask_pixels", mu.device)
+        masks = sample_pixel_action(out.mask_logits, self.args.mask_pixel_temperature, generator=generators)
         masks = [m & bool(seg) for m, seg in zip(masks, rollout.has_seg.tolist())]
         loop.pixel_action = [m.cpu() for m in masks]
         self._metrics[mode]["mask_action/pixel_flip_frac"].append(flip_fraction(out.mask_logits, masks))
@@ -694,7 +822,8 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         which says little about the model). Logged and returned as ``{prefix}_mean_iou``,
         ``{prefix}_cumulative_iou``, ``{prefix}_precision@0.5``, ``{prefix}_meteor`` and, on the shapes world,
         ``{prefix}_exact_match`` and ``{prefix}_accuracy/<attribute>``: any of them can be `metric_for_best_model`.
-        Every process evaluates the same rows (under ZeRO-3 all ranks must run the forwards).
+        Every process evaluates the same rows; under ZeRO-3 inside one full gather (`full_parameters`), so the
+        generations issue no collective. The frozen-encoder features of the current generation batch are kept.
         """
         from sa2va_trl.evaluate import evaluate_policy
 
@@ -705,8 +834,10 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
             raise ValueError("evaluate() needs evaluation rows: pass eval_dataset to the trainer or to evaluate().")
         was_training = self.model.training
         self.model.eval()
+        preserved = getattr(self.policy, "preserved_feature_cache", None)
         try:
-            result = evaluate_policy(self.policy, rows, progress=False, max_new_tokens=self.max_completion_length)
+            with self.full_parameters(), (preserved() if preserved is not None else contextlib.nullcontext()):
+                result = evaluate_policy(self.policy, rows, progress=False, max_new_tokens=self.max_completion_length)
         finally:
             self.model.train(was_training)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in flatten_eval_metrics(result).items()}
@@ -808,9 +939,12 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         return advantages
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """TRL's, keeping the gathered rewards and naming the dataset row when a reward fails."""
+        """TRL's, inside `reverse_model()` (the rewards' reverse-model calls then need no swap or gather of their own:
+        one per step, collective under ZeRO-3), keeping the gathered rewards and naming the dataset row when a
+        reward fails."""
         try:
-            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            with self.reverse_model():
+                rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         except RewardError as e:
             row = inputs[e.row] if e.row is not None and 0 <= e.row < len(inputs) else None
             where = _describe_row(row) if row is not None else "an unknown row (the reward did not say which)"
@@ -845,6 +979,13 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         Loop-2 rows with the mask action add the tempered log-density -||e - mu||^2 / (2 sigma^2 D) (the Gaussian's
         divided by the dimension D, without its constant, which cancels in every ratio and KL) at their first
         `[SEG]` token.
+
+        One adapter forward per loop present in the samples, in `LOOPS` order. Under DeepSpeed with several processes
+        (`uniform_forward`) every rank must call the same modules in the same order and give gradients to the same
+        parameters (ZeRO-3 gathers each module's parameters as it runs; every stage reduces gradients in buckets
+        that must match across ranks): a rank whose samples lack a loop of the training set runs that loop's
+        modules on one of its own rows with weight 0 (the log-prob forward, plus `text_hidden_fcs` for loop 2 with
+        the mask action), which adds exactly 0 to the log-probs and 0 gradients.
         """
         generation = self._generation
         if generation is None:
@@ -862,9 +1003,13 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         def compute():
             logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
             entropies = torch.zeros_like(logps) if compute_entropy else None
-            for task, loop in generation.loops.items():
+            for task in LOOPS:
+                loop = generation.loops.get(task)
                 rows = [r for r, p in enumerate(positions) if generation.tasks[p] == task]
                 if not rows:
+                    if self.uniform_forward and task in self._forward_loops:
+                        logps = logps + self._placeholder_forward(task, generation, positions, completion_ids,
+                                                                  completion_mask, compute_entropy)
                     continue
                 index_of = {p: j for j, p in enumerate(loop.positions)}
                 local = [index_of[positions[r]] for r in rows]
@@ -890,6 +1035,22 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
             logps, entropies = forward_through_wrapper(model, compute)
         aux_loss = torch.zeros((), device=logps.device) if compute_aux_loss else None
         return logps, entropies, aux_loss
+
+    def _placeholder_forward(self, task: str, generation: _Generation, positions: list[int], completion_ids,
+                             completion_mask, compute_entropy: bool) -> torch.Tensor:
+        """The modules of `task`'s training forward, run on the first sample of `positions` (of whichever loop) and
+        returned times 0: a scalar 0 that keeps the rank in step with ranks that have `task` samples."""
+        task_of_row, local = generation.locate(positions[0])
+        batch = generation.loops[task_of_row].batch.select([local]).to(completion_ids.device)
+        action = task == CAPTION_TO_MASK and self.args.mask_action
+        out = self.policy.completion_logprobs(
+            batch, completion_ids[:1], completion_mask[:1], temperature=self.temperature,
+            with_entropy=compute_entropy, with_seg_hidden=action,
+        )
+        total = out.logprobs.float().sum()
+        if action:
+            total = total + self.policy.seg_embeddings(out.seg_hidden).float().sum()
+        return total * 0.0
 
     def _add_mask_action_logdensity(self, logps, out, loop: _LoopRollout, local: list[int], completion_ids):
         """Add each loop-2 sample's mask-action log-probability (prompt and/or pixel action, tempered; see

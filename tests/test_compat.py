@@ -134,3 +134,18 @@ def test_accelerate_configs_hold_the_promised_settings():
         config = load(name)
         # use_cpu: true would switch the DeepSpeed path off; bf16 is not for the CPU runs
         assert (config.num_processes, config.mixed_precision, config.use_cpu) == (2, "no", False), name
+
+
+def test_cpu_zero3_partitioned_config_partitions_every_parameter():
+    import json
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config_from_file(os.path.join(root, "accelerate_configs", "cpu_zero3_partitioned.yaml"))
+    assert config.distributed_type == DistributedType.DEEPSPEED
+    assert (config.num_processes, config.use_cpu, config.deepspeed_config["zero3_init_flag"]) == (2, False, True)
+    with open(os.path.join(root, config.deepspeed_config["deepspeed_config_file"])) as f:  # relative to the root
+        zero = json.load(f)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True

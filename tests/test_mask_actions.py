@@ -61,3 +61,13 @@ def test_prompt_action_log_density_is_the_tempered_gaussian():
     torch.testing.assert_close(value, -0.5 * ((action - mu.detach()) / 0.5).pow(2).mean(-1))
     value.sum().backward()
     torch.testing.assert_close(mu.grad, (action - mu.detach()) / (0.25 * 8))  # the score, divided by D
+
+
+def test_pixel_action_with_one_generator_per_map_is_reproducible_per_map():
+    logits = [torch.zeros(8, 8), torch.zeros(8, 8)]
+    seeded = lambda s: torch.Generator().manual_seed(s)
+    both = sample_pixel_action(logits, 1.0, generator=[seeded(1), seeded(2)])
+    alone = sample_pixel_action(logits[1:], 1.0, generator=[seeded(2)])
+    assert torch.equal(both[1], alone[0]) and not torch.equal(both[0], both[1])
+    with pytest.raises(ValueError, match="1 generators for 2"):
+        sample_pixel_action(logits, 1.0, generator=[seeded(1)])

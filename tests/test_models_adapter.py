@@ -601,3 +601,79 @@ def test_captionable_flags_masks_caption_prompts_would_reject():
     policy.caption_prompts([image], [good])  # the accepted one really is accepted
     with pytest.raises(ValueError, match="region_mask"):
         policy.caption_prompts([image], [speck])
+
+
+# --- per-row generators (the trainer's `per_sample_seeds`) -------------------------------------
+
+
+def _generators(seeds):
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _completions(rollout):
+    """Each row's completion tokens up to and including its eos."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+
+
+def test_per_row_generators_make_each_sample_independent_of_batch_and_global_rng(seg_policy):
+    policy = seg_policy
+    images, masks = _images_and_masks()
+    batch = policy.caption_prompts(images, masks)
+    torch.manual_seed(0)
+    whole = policy.sample(batch, num_generations=2, max_new_tokens=8, temperature=1.3,
+                          generators=_generators(range(100, 106)))
+    torch.manual_seed(1)  # another global RNG state, another batch around the row
+    alone = policy.sample(batch.select([1]), num_generations=2, max_new_tokens=8, temperature=1.3,
+                          generators=_generators([102, 103]))
+    assert _completions(alone) == _completions(whole)[2:4]
+    out = policy.completion_logprobs(whole.batch, whole.completion_ids, whole.completion_mask, temperature=1.3)
+    assert (out.logprobs - whole.logprobs).abs().max() <= 1e-4  # the log-probs keep their meaning
+    other = policy.sample(batch, num_generations=2, max_new_tokens=8, temperature=1.3,
+                          generators=_generators(range(200, 206)))
+    assert _completions(other) != _completions(whole)  # the seeds, not something else, pick the samples
+    greedy = policy.sample(batch, num_generations=2, max_new_tokens=8, do_sample=False)
+    top1 = policy.sample(batch, num_generations=2, max_new_tokens=8, temperature=1.3, top_k=1,
+                         generators=_generators(range(6)))
+    assert _completions(top1) == _completions(greedy)  # the warpers apply: top-k 1 is greedy
+    with pytest.raises(ValueError, match="generators"):
+        policy.sample(batch, num_generations=2, generators=_generators(range(5)))
+
+
+def test_per_row_generators_draw_from_the_tempered_distribution():
+    model, tokenizer = build_tiny_model(seed=2)
+    head = model.language_model.get_output_embeddings()
+    head.bias = nn.Parameter(torch.zeros(head.out_features))
+    with torch.no_grad():
+        head.bias[10:14] = torch.tensor([16.0, 15.0, 14.0, 13.0])  # four likely tokens, a long unlikely tail
+    policy = Sa2VAPolicy(model, tokenizer)
+    images, masks = _images_and_masks()
+    batch = policy.caption_prompts(images[:1], masks[:1])
+    n, temperature = 1000, 1.5
+    rollout = policy.sample(batch, num_generations=n, max_new_tokens=1, temperature=temperature,
+                            generators=_generators(range(n)))
+    with torch.no_grad():
+        logits = policy.core(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_index,
+                             batch.region_grids).logits[0, -1]
+    observed = torch.bincount(rollout.completion_ids[:, 0], minlength=logits.numel()).float() / n
+
+    def distance(t):
+        return 0.5 * (observed - torch.softmax(logits / t, dim=-1)).abs().sum().item()
+
+    # Total variation of 1000 torch.multinomial draws from the tempered distribution (5 seeds): 0.015-0.030;
+    # from the untempered one: 0.078-0.105. Here: 0.025 and 0.077.
+    assert distance(temperature) < 0.04 and distance(1.0) > 0.06, (distance(temperature), distance(1.0))
+
+
+def test_preserved_feature_cache_keeps_exactly_the_entries_it_found():
+    model, tokenizer = build_tiny_model(seed=5)
+    model.vision_model.requires_grad_(False)
+    policy = Sa2VAPolicy(model, tokenizer)
+    images, masks = _images_and_masks()
+    policy.sample(policy.caption_prompts(images[:1], masks[:1]), num_generations=1, max_new_tokens=2)
+    before = dict(policy._feature_cache)
+    policy.feature_cache_size = 1  # the side computation would evict the entry it found
+    with policy.preserved_feature_cache():
+        policy.sample(policy.caption_prompts(images[1:], masks[1:]), num_generations=1, max_new_tokens=2)
+        assert len(policy._feature_cache) == 1 and policy._feature_cache.keys() != before.keys()
+    assert policy._feature_cache.keys() == before.keys()
+    assert all(policy._feature_cache[k] is v for k, v in before.items())

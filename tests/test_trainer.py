@@ -201,7 +201,7 @@ def test_reverse_policy_scores_degenerate_inputs_lowest_instead_of_failing():
 
     host = type("Host", (), {})()
     host.policy = Sa2VAPolicy(model, tokenizer)
-    host.ema_weights = contextlib.nullcontext
+    host.reverse_model = contextlib.nullcontext
     reverse = EMAReversePolicy(host)
     row = shapes_dataset(1, seed=0)[0]
     image = row["img"]
@@ -443,3 +443,115 @@ def test_training_forward_scores_each_row_with_its_own_prompt_after_trls_shuffle
         trainer.train()
     assert len(checked) == 2 and sorted(checked[0] + checked[1]) == list(range(2 * G))  # both halves, all rows
     assert checked[0] + checked[1] != list(range(2 * G))  # and they were shuffled
+
+
+# --- what ZeRO-3 relies on, checked in one process ------------------------------------------------------------------
+
+
+def test_per_sample_seeds_make_a_rank_sample_what_one_process_samples(tmp_path, monkeypatch):
+    """Rank 1 of 2, holding the second half of the global generation batch, samples exactly those rows of a
+    single-process rollout over the whole batch: tokens and mask actions (hence masks)."""
+    trainer = make_trainer(tmp_path, per_sample_seeds=True, max_completion_length=10)
+    trainer.ema.attach(trainer.model)
+    batch = generation_batch(trainer)  # 2 groups of G
+    assert batch[0]["row_id"] != batch[G]["row_id"]
+
+    def rollout(inputs):
+        trainer._rollout_inputs = inputs
+        try:
+            return trainer._rollout([row["prompt"] for row in inputs])
+        finally:
+            trainer._rollout_inputs = None
+
+    torch.manual_seed(1)
+    whole = rollout(batch)
+    torch.manual_seed(2)  # another global RNG state: it must not matter
+    monkeypatch.setattr(type(trainer.accelerator), "process_index", property(lambda self: 1))
+    half = rollout(batch[G:])
+    assert half["completion_ids"] == whole["completion_ids"][G:]
+    for i, mask in enumerate(half["pred_mask"]):
+        if mask is not None:
+            assert np.array_equal(mask, whole["pred_mask"][G + i])
+    monkeypatch.setattr(type(trainer.accelerator), "process_index", property(lambda self: 0))
+    other = rollout(batch[G:])  # the same rows at other global positions: other samples
+    assert other["completion_ids"] != half["completion_ids"]
+
+
+def test_deepspeed_micro_batch_without_a_loop_runs_its_modules_with_zero_weight(tmp_path, monkeypatch):
+    """Under DeepSpeed with several processes every rank must call the same modules in the same order (ZeRO-3
+    gathers per module) and give gradients to the same parameters (gradient buckets). A micro-batch with loop-1
+    rows only runs the loop-2 modules (LM forward + text_hidden_fcs) on one of its rows, times 0: the call sequence
+    of a micro-batch with both loops, log-probs unchanged bit for bit, gradients unchanged, zero gradients where
+    the plain path gives none."""
+    trainer = make_trainer(tmp_path)  # mask action on
+    trainer.model.vision_model.requires_grad_(False)  # frozen, as the recipes have it
+    trainer.ema.attach(trainer.model)
+    batch = next(b for b in trainer.get_train_dataloader() if len({row["task"] for row in b}) == 2)
+    output = trainer._generate_and_score_completions(batch)
+    tasks = trainer._generation.tasks
+    loop1 = [i for i, task in enumerate(tasks) if task == MASK_TO_CAPTION]
+    assert 0 < len(loop1) < len(tasks)
+    model = trainer.model
+    calls = []
+    hooks = [module.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
+             for name, module in (("language_model", model.language_model), ("text_hidden_fcs", model.text_hidden_fcs))]
+    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+    attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+
+    def run(rows, uniform):
+        monkeypatch.setattr(Sa2VAGRPOTrainer, "uniform_forward", property(lambda self: uniform))
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        index = torch.tensor(rows)
+        trainer._active_samples = output[SAMPLE_INDEX_KEY][index]
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, input_ids[index], attention[index], output["completion_ids"].shape[1], compute_entropy=True
+        )
+        trainer._active_samples = None
+        (logps * output["completion_mask"][index]).sum().backward()
+        grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logps.detach(), list(calls), grads
+
+    both_calls = run(list(range(len(tasks))), uniform=False)[1]
+    plain_logps, plain_calls, plain_grads = run(loop1, uniform=False)
+    logps, uniform_calls, grads = run(loop1, uniform=True)
+    for hook in hooks:
+        hook.remove()
+    assert both_calls == ["language_model", "language_model", "text_hidden_fcs"]
+    assert plain_calls == ["language_model"] and uniform_calls == both_calls
+    torch.testing.assert_close(logps, plain_logps, atol=0, rtol=0)
+    fcs = [n for n in grads if n.startswith("text_hidden_fcs")]
+    assert fcs and all(plain_grads[n] is None and not grads[n].any() for n in fcs)
+    for name, grad in plain_grads.items():
+        if grad is not None:
+            # (the vision-token scatter's backward accumulates in a thread-dependent order: the plain path
+            # itself differs from run to run in the last bits)
+            torch.testing.assert_close(grads[name], grad, atol=1e-7, rtol=1e-4)
+
+
+def test_zero3_refuses_rollouts_without_the_generation_gather(tmp_path, monkeypatch):
+    monkeypatch.setattr(Sa2VAGRPOTrainer, "zero3", property(lambda self: True))
+    with pytest.raises(ValueError, match="ds3_gather_for_generation"):
+        make_trainer(tmp_path, ds3_gather_for_generation=False)
+
+
+def test_evaluation_keeps_the_generation_features_and_runs_inside_one_gather(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_completion_length=6)
+    trainer.model.vision_model.requires_grad_(False)
+    trainer.ema.attach(trainer.model)
+    trainer._generate_and_score_completions(generation_batch(trainer))
+    cached = set(trainer.policy._feature_cache)
+    assert cached
+    entered = []
+    gather = trainer.full_parameters
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append(True)
+        with gather():
+            yield
+
+    monkeypatch.setattr(trainer, "full_parameters", recording)
+    metrics = trainer.evaluate(shapes_dataset(2, seed=0, split="validation"))
+    assert "eval_mean_iou" in metrics and entered == [True]
+    assert set(trainer.policy._feature_cache) == cached

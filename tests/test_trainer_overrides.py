@@ -46,3 +46,14 @@ def test_trl_still_calls_the_hooks_the_trainer_relies_on():
     assert "self._generate(prompts)" in score
     prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
     assert "shuffle_sequence_dict" in prepare and "split_tensor_dict" in prepare
+
+
+def test_trl_helpers_the_zero3_gather_relies_on_still_exist():
+    """`Sa2VAGRPOTrainer.full_parameters` removes DeepSpeed's module hooks with TRL's own helpers (as TRL's
+    `unwrap_model_for_generation` does) and requires TRL's `ds3_gather_for_generation` setting."""
+    from trl import GRPOConfig
+    from trl.models.utils import add_hooks, remove_hooks
+
+    assert list(inspect.signature(remove_hooks).parameters) == ["model"]
+    assert list(inspect.signature(add_hooks).parameters) == ["model"]
+    assert GRPOConfig.__dataclass_fields__["ds3_gather_for_generation"].default is True

@@ -41,7 +41,14 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .configuration_sa2va import (
     IMAGE_PLACEHOLDER,
@@ -299,6 +306,41 @@ class _SampledLogprobRecorder(LogitsProcessor):
         return torch.stack(self.logprobs, dim=1)
 
 
+class _PerRowSampler(LogitsProcessor):
+    """Draws each row's next token with the row's own `torch.Generator` (Gumbel-max), then pins `generate` to it.
+
+    The tempered, top-k / top-p filtered logits are built with transformers' own warpers, a Gumbel(0, 1) draw
+    from the row's generator is added to each of them and the arg-max is the sample (an exact draw from that
+    distribution). The returned scores are 0 at the drawn token and -inf elsewhere, so `generate`'s own warpers and
+    multinomial draw can only pick it. A row's tokens then depend on its generator and its logits only: not on the
+    other rows of the batch, the global RNG, or the process the row runs on. It must come after
+    `_SampledLogprobRecorder`, which reads the model's scores.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_k: int, top_p: float):
+        self.generators = list(generators)
+        self.warpers = [TemperatureLogitsWarper(temperature)]
+        if top_k and top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+        if top_p is not None and top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} generators for a batch of {scores.shape[0]} rows")
+        warped = scores.float()
+        for warper in self.warpers:
+            warped = warper(input_ids, warped)
+        noise = torch.stack([
+            torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=generator)
+            for generator in self.generators
+        ])
+        # -log(Exp(1)) is Gumbel(0, 1); an exact 0 draw (possible in float32) would give +inf on any token
+        chosen = (warped - noise.clamp(min=torch.finfo(noise.dtype).tiny).log()).argmax(dim=-1)
+        pinned = torch.full_like(scores, float("-inf"))
+        return pinned.scatter(-1, chosen.unsqueeze(-1), 0.0)
+
+
 def _entropies(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) over the last axis, float32: (N, T, V) -> (N, T)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -377,6 +419,11 @@ class Sa2VAPolicy:
         # Frozen-encoder outputs per (encoder, model, device, image content), shared by every batch; see `_encode`.
         self._feature_cache: dict[tuple, tuple[bool, list[torch.Tensor]]] = {}
         self.feature_cache_size = 512  # entries (one per encoder and image)
+        # transformers' `generate` keeps all processes stepping together under DeepSpeed ZeRO-3 (an all-reduce per
+        # token, `synced_gpus`), which deadlocks when ranks make different numbers of `sample` calls. A caller that
+        # has gathered the whole model first (the trainer's rollouts, reverse model and evaluation) sets False;
+        # None leaves transformers' default.
+        self.synced_gpus: bool | None = None
         vision, sam_encoder = self.core.vision_model, self.core.grounding_encoder.vision_encoder
         self._hooks = [
             vision.register_forward_pre_hook(self._count_hook("vision", vision), with_kwargs=True),
@@ -626,6 +673,20 @@ class Sa2VAPolicy:
         """Drop the cached frozen-encoder features (the trainer calls it at each rollout)."""
         self._feature_cache.clear()
 
+    @contextlib.contextmanager
+    def preserved_feature_cache(self):
+        """Context manager: on exit the feature cache holds exactly what it held on entry.
+
+        For side computations (the trainer's evaluation between a rollout and its training forwards): their
+        images neither stay cached nor evict the current generation's features.
+        """
+        saved = dict(self._feature_cache)
+        try:
+            yield
+        finally:
+            self._feature_cache.clear()
+            self._feature_cache.update(saved)
+
     def _encode(self, batch: PromptBatch, name: str, encoder: torch.nn.Module, compute, pixels: torch.Tensor,
                 offsets: list[int]):
         """Encoder features for the images `batch` uses, each row's image index into them, and
@@ -770,6 +831,7 @@ class Sa2VAPolicy:
         top_p: float = 1.0,
         top_k: int = 0,
         do_sample: bool = True,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> Rollout:
         """G completions per prompt in one `generate` call; vision features once per image.
 
@@ -786,6 +848,9 @@ class Sa2VAPolicy:
             max_new_tokens: generation budget.
             temperature, top_p, top_k: sampling parameters (top_k=0 disables top-k).
             do_sample: False for greedy decoding (log-probs still use `temperature`).
+            generators: optional, one `torch.Generator` per output row (B * G, in output order, on the
+                model's device): each row's tokens are drawn with its own generator (same distribution), so a
+                row's sample no longer depends on the rest of the batch or on the global RNG. Sampling only.
 
         Returns:
             A Rollout of B * G completions.
@@ -794,6 +859,8 @@ class Sa2VAPolicy:
             raise ValueError(f"num_generations must be >= 1, got {num_generations}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if generators is not None and len(generators) != len(batch) * num_generations:
+            raise ValueError(f"got {len(generators)} generators for {len(batch) * num_generations} samples")
         batch = self._on_device(batch)
         prompt_embeds = self._prompt_embeds(batch).repeat_interleave(num_generations, dim=0)
         prompt_mask = batch.attention_mask.repeat_interleave(num_generations, dim=0)
@@ -817,6 +884,9 @@ class Sa2VAPolicy:
 
         language_model = self.core.language_model
         recorder = _SampledLogprobRecorder(temperature)
+        processors = [recorder]
+        if generators is not None and do_sample:
+            processors.append(_PerRowSampler(generators, temperature, top_k, top_p))
         hook = self._decoder().register_forward_hook(capture_last_state)
         try:
             with _activation_checkpointing_off(language_model):
@@ -824,7 +894,8 @@ class Sa2VAPolicy:
                     inputs_embeds=prompt_embeds,
                     attention_mask=prompt_mask,
                     generation_config=generation_config,
-                    logits_processor=LogitsProcessorList([recorder]),
+                    logits_processor=LogitsProcessorList(processors),
+                    **({} if self.synced_gpus is None else {"synced_gpus": self.synced_gpus}),
                 )
         finally:
             hook.remove()
