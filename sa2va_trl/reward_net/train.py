@@ -92,6 +92,18 @@ class RewardNetScriptArguments:
     eval_fraction: float = field(default=0.15, metadata={"help": "Share of source images held out for evaluation."})
     input_size: int = field(default=128, metadata={"help": "Network input side (images and masks are resized)."})
     hflip: bool = field(default=True, metadata={"help": "Random left-right flips of training samples."})
+    dihedral: bool = field(
+        default=False,
+        metadata={"help": "Also random top-bottom flips and transposes of training samples (with hflip: all 8 "
+                  "symmetries of the square; none changes the Dice)."},
+    )
+    train_label: str = field(
+        default="dice",
+        metadata={"help": "Training target: 'dice', or 'expected_dice' (a merge of several whole regions labelled "
+                  "with its mean Dice over the regions it could have been meant for: what a network that sees only "
+                  "image and mask can know). The held-out evaluation always scores against the true Dice.",
+                  "choices": ["dice", "expected_dice"]},
+    )
     init_from: str | None = field(
         default=None, metadata={"help": "Start from a trained network: a save_pretrained dir, a Hub id or a .pth."}
     )
@@ -319,7 +331,9 @@ def evaluate_held_out(trainer: Trainer, eval_data: datasets.Dataset, eval_datase
     """
     output = trainer.predict(eval_dataset, metric_key_prefix="heldout")
     scores = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    return evaluation_report(np.asarray(scores).reshape(-1), np.asarray(output.label_ids).reshape(-1), eval_data["kind"])
+    expected = eval_data["expected_dice"] if "expected_dice" in eval_data.column_names else None
+    return evaluation_report(np.asarray(scores).reshape(-1), np.asarray(eval_data["dice"], dtype=np.float64),
+                             eval_data["kind"], expected_dice=expected)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -368,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model = LightweightRewardNetwork(RewardNetConfig(input_size=script_args.input_size))
     config = model.config
     train_dataset = RewardNetTorchDataset(train_data, config.input_size, config.image_mean, config.image_std,
-                                          hflip=script_args.hflip)
+                                          hflip=script_args.hflip, dihedral=script_args.dihedral,
+                                          label_column=script_args.train_label)
     eval_dataset = RewardNetTorchDataset(eval_data, config.input_size, config.image_mean, config.image_std)
 
     # --- train -------------------------------------------------------------------------------
