@@ -159,3 +159,21 @@ def test_batchnorm_recalibration_matches_batch_statistics():
         calibrated = net(x).scores
     torch.testing.assert_close(calibrated, batch_stats, atol=2e-3, rtol=0)
     assert (stale - batch_stats).abs().max() > 1e-2  # the check above can fail
+
+
+def test_channels_last_training_saves_the_same_network(tmp_path):
+    import torch
+
+    from sa2va_trl.reward_net import LightweightRewardNetwork, RewardNetConfig
+
+    torch.manual_seed(0)
+    net = LightweightRewardNetwork(RewardNetConfig(input_size=16))
+    x = torch.randn(6, 4, 16, 16)
+    reference = net.eval()(x).scores
+    fast = net.to(memory_format=torch.channels_last)
+    assert fast.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(x).scores, reference, atol=1e-5, rtol=0)
+    fast.save_pretrained(tmp_path / "net")
+    loaded = load_reward_net(str(tmp_path / "net")).eval()
+    assert loaded.features[0][0].weight.is_contiguous()  # stored in the ordinary layout
+    torch.testing.assert_close(loaded(x).scores, reference, atol=1e-5, rtol=0)
