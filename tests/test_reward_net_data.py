@@ -7,7 +7,7 @@ import torch
 from sa2va_trl.data.schema import DataError, decode_region_mask, encode_mask
 from sa2va_trl.data.synthetic import iter_scenes, shapes_dataset
 from sa2va_trl.reward_net import generate_reward_data, split_by_source
-from sa2va_trl.reward_net.data import RewardNetTorchDataset
+from sa2va_trl.reward_net.data import RewardNetTorchDataset, expected_merge_dice
 from sa2va_trl.reward_net.metrics import dice_distribution, evaluation_report, format_report, pearson, spearman
 from sa2va_trl.reward_net.perturbations import (
     PERTURBATION_KINDS,
@@ -19,6 +19,7 @@ from sa2va_trl.reward_net.perturbations import (
     sample_perturbations,
     shift,
 )
+from sa2va_trl.reward_net.preprocessing import prepare_inputs
 
 
 def _square(size=32, lo=8, hi=24):
@@ -197,3 +198,79 @@ def test_evaluation_report_and_table():
     assert dice_distribution(dice_true)["quantiles"]["q0.5"] == 0.5
     table = format_report(report)
     assert "overall" in table and "quantiles" in table
+
+
+def test_expected_merge_dice_averages_over_the_covered_regions():
+    small, large, far = np.zeros((3, 20, 20), dtype=bool)
+    small[0:2, 0:2] = True  # 4 pixels
+    large[10:14, 10:14] = True  # 16 pixels
+    far[0:3, 15:18] = True  # not covered by the merge
+    merged = small | large
+    # intended small: 2*4/(20+4); intended large: 2*16/(20+16); `far` is no candidate
+    assert expected_merge_dice(merged, small, [large, far]) == pytest.approx((8 / 24 + 32 / 36) / 2)
+    assert expected_merge_dice(merged, large, [small, far]) == pytest.approx((8 / 24 + 32 / 36) / 2)
+    # a region less than half inside the mask is no candidate; the intended one always is
+    assert expected_merge_dice(small, small, [large]) == 1.0
+    half_of_large = large.copy()
+    half_of_large[12:, :] = False
+    assert expected_merge_dice(small | half_of_large, small, [large]) == pytest.approx(dice(small | half_of_large, small))
+
+
+def test_generated_expected_dice_differs_from_dice_only_for_merges():
+    data = generate_reward_data(shapes_dataset(12, seed=1), samples_per_region=10, progress=False)
+    kinds = np.array(data["kind"])
+    true, expected = np.array(data["dice"]), np.array(data["expected_dice"])
+    assert (true[kinds != "merge"] == expected[kinds != "merge"]).all()
+    merges = kinds == "merge"
+    assert merges.sum() > 5
+    assert (np.abs(true[merges] - expected[merges]) > 1e-3).any()  # the ambiguity is real
+    assert ((expected >= 0) & (expected <= 1)).all()
+
+
+def test_torch_dataset_matches_prepare_inputs_and_caches_images():
+    data = generate_reward_data(shapes_dataset(3, seed=0, image_size=48), samples_per_region=4, progress=False)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for size in (48, 32):  # same size (no mask resize) and a downscale
+        dataset = RewardNetTorchDataset(data, size, mean, std)
+        expected = prepare_inputs(data["img"], data["mask"], size, mean, std)
+        got = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert len(dataset._cache) == 3  # one entry per source image, not per sample
+    uncached = RewardNetTorchDataset(data, 32, mean, std, cache_bytes=0)
+    torch.testing.assert_close(uncached[5]["pixel_values"], expected[5], rtol=0, atol=0)
+    assert not uncached._cache
+
+
+def test_torch_dataset_label_column():
+    data = generate_reward_data(shapes_dataset(6, seed=2), samples_per_region=8, progress=False)
+    merge = data["kind"].index("merge")
+    dataset = RewardNetTorchDataset(data, 32, (0.5,) * 3, (0.5,) * 3, label_column="expected_dice")
+    assert dataset[merge]["labels"].item() == pytest.approx(data[merge]["expected_dice"])
+    old = data.remove_columns("expected_dice")  # data saved before the column existed
+    assert RewardNetTorchDataset(old, 32, (0.5,) * 3, (0.5,) * 3, label_column="expected_dice")[merge][
+        "labels"
+    ].item() == pytest.approx(data[merge]["dice"])
+    with pytest.raises(ValueError, match="label column"):
+        RewardNetTorchDataset(data, 32, (0.5,) * 3, (0.5,) * 3, label_column="iou")
+
+
+def test_dihedral_augmentation_gives_the_8_symmetries():
+    data = generate_reward_data(shapes_dataset(1, seed=0), samples_per_region=3, progress=False)
+    torch.manual_seed(0)
+    dataset = RewardNetTorchDataset(data, 32, (0.5,) * 3, (0.5,) * 3, hflip=True, dihedral=True)
+    views = {dataset[0]["pixel_values"].numpy().tobytes() for _ in range(200)}
+    assert len(views) == 8
+    base = RewardNetTorchDataset(data, 32, (0.5,) * 3, (0.5,) * 3)[0]["pixel_values"]
+    assert base.numpy().tobytes() in views
+
+
+def test_evaluation_report_ambiguity_floor():
+    dice_true = np.array([0.2, 0.8, 0.5, 1.0])
+    expected = np.array([0.5, 0.5, 0.5, 1.0])
+    report = evaluation_report(expected, dice_true, ["merge", "merge", "erode", "gt"], expected_dice=expected)
+    floor = report["ambiguity_floor"]
+    assert floor["overall"] == pytest.approx((0.09 + 0.09) / 4)
+    assert floor["by_kind"] == pytest.approx({"merge": 0.09, "erode": 0.0, "gt": 0.0})
+    assert report["overall"]["mse"] == pytest.approx(floor["overall"])  # predicting the expectation hits it
+    assert "mse floor" in format_report(report)
+    assert "ambiguity_floor" not in evaluation_report(expected, dice_true)

@@ -49,6 +49,9 @@ def test_positional_recipe_with_overrides(tmp_path):
     assert script_args.input_size == 32 and training_args.max_steps == 3
     same, _ = parse_args(["--config", recipe])
     assert same.input_size == 32
+    assert same.train_label == "dice" and same.dihedral is False  # the defaults: no change unless asked
+    chosen, _ = parse_args([recipe, "--train_label", "expected_dice", "--dihedral", "true"])
+    assert chosen.train_label == "expected_dice" and chosen.dihedral is True
 
 
 def test_seed_defaults():
@@ -66,6 +69,8 @@ def test_bad_recipes_are_reported(tmp_path):
     bad.write_text("input_sise: 64\n")
     with pytest.raises(ValueError, match="input_sise"):
         parse_args([str(bad)])
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'iou' (choose from 'dice', 'expected_dice')"
+        parse_args(["--output_dir", "unused", "--train_label", "iou"])
 
 
 @pytest.mark.parametrize("name", ["demo_reward_net.yaml", "reward_net.yaml"])
@@ -83,7 +88,9 @@ def test_miniature_run_end_to_end(tmp_path, capsys):
 
     with open(out / EVAL_FILENAME) as f:
         written = json.load(f)
-    assert set(written) >= {"overall", "by_kind", "dice_distribution", "num_train_samples", "num_heldout_samples"}
+    assert set(written) >= {"overall", "by_kind", "dice_distribution", "num_train_samples", "num_heldout_samples",
+                            "ambiguity_floor"}
+    assert set(written["ambiguity_floor"]["by_kind"]) == set(written["by_kind"])
     overall = written["overall"]
     assert set(overall) == {"mse", "mae", "pearson", "spearman", "count"}
     assert overall["count"] == written["num_heldout_samples"] > 0
@@ -152,3 +159,21 @@ def test_batchnorm_recalibration_matches_batch_statistics():
         calibrated = net(x).scores
     torch.testing.assert_close(calibrated, batch_stats, atol=2e-3, rtol=0)
     assert (stale - batch_stats).abs().max() > 1e-2  # the check above can fail
+
+
+def test_channels_last_training_saves_the_same_network(tmp_path):
+    import torch
+
+    from sa2va_trl.reward_net import LightweightRewardNetwork, RewardNetConfig
+
+    torch.manual_seed(0)
+    net = LightweightRewardNetwork(RewardNetConfig(input_size=16))
+    x = torch.randn(6, 4, 16, 16)
+    reference = net.eval()(x).scores
+    fast = net.to(memory_format=torch.channels_last)
+    assert fast.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(x).scores, reference, atol=1e-5, rtol=0)
+    fast.save_pretrained(tmp_path / "net")
+    loaded = load_reward_net(str(tmp_path / "net")).eval()
+    assert loaded.features[0][0].weight.is_contiguous()  # stored in the ordinary layout
+    torch.testing.assert_close(loaded(x).scores, reference, atol=1e-5, rtol=0)

@@ -9,6 +9,10 @@ their Dice values cover [0, 1] evenly. The result is a `datasets.Dataset` with t
     img          datasets.Image   the source image (PNG bytes; shared by all samples of a region)
     mask         COCO RLE dict    the scored mask {"size": [H, W], "counts": str}
     dice         float32          Dice of `mask` against the region's ground truth
+    expected_dice float32         what a network that sees only (image, mask) can know: for a "merge"
+                                  (a union of whole regions, any of which could have been the one
+                                  meant) the mean Dice of `mask` against each region it covers; for
+                                  every other kind, `dice` (see `expected_merge_dice`)
     kind         string           "policy" or a perturbation kind (`PERTURBATION_KINDS`)
     source_row   int64            index of the region's row in the input rows
     source_id    string           the source image (rows sharing it are regions of one image)
@@ -20,11 +24,12 @@ Example:
     >>> from sa2va_trl.data.synthetic import shapes_dataset
     >>> data = generate_reward_data(shapes_dataset(2, seed=0), samples_per_region=4, progress=False)
     >>> sorted(data.column_names)
-    ['dice', 'img', 'kind', 'mask', 'source_id', 'source_row']
+    ['dice', 'expected_dice', 'img', 'kind', 'mask', 'source_id', 'source_row']
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections import defaultdict
@@ -40,7 +45,7 @@ from tqdm.auto import tqdm
 from ..data.schema import CAPTION, IMG, REGION_MASK, SOURCE_ID, DataError, encode_mask
 from ..rewards.masks import as_mask
 from .perturbations import PERTURBATION_KINDS, dice, sample_perturbations
-from .preprocessing import prepare_inputs
+from .preprocessing import prepare_image, prepare_mask, to_rgb_array
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,7 @@ def reward_data_features() -> datasets.Features:
             "img": datasets.Image(),
             "mask": {"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")},
             "dice": datasets.Value("float32"),
+            "expected_dice": datasets.Value("float32"),
             "kind": datasets.Value("string"),
             "source_row": datasets.Value("int64"),
             "source_id": datasets.Value("string"),
@@ -97,6 +103,36 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return mask
     resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.Resampling.NEAREST)
     return np.asarray(resized) > 127
+
+
+def expected_merge_dice(mask: np.ndarray, gt: np.ndarray, others: Sequence[np.ndarray]) -> float:
+    """The mean Dice of a merged mask against each region it could have been meant for.
+
+    A "merge" is the intended region united with other whole regions of the same image. From the
+    image and the mask alone, every region the mask covers could have been the intended one, and
+    the candidate draws the same mask for each of them with the same probability (every region of
+    an image has the same number of other regions to merge with; the Dice-balanced selection
+    that follows tilts this a little). A network that does not know which region was meant can at
+    best predict about the mean over those candidates; the spread of the true Dice around it is
+    error that no such network can remove.
+
+    Args:
+        mask: the merged H x W boolean mask.
+        gt: the intended region (always a candidate).
+        others: the image's other regions; those with more than half of their pixels inside
+            `mask` are candidates too.
+
+    Returns:
+        The mean Dice over the candidate regions.
+
+    Example:
+        >>> a = np.zeros((8, 8), bool); a[:2, :2] = True      # 4 pixels
+        >>> b = np.zeros((8, 8), bool); b[4:, 4:] = True      # 16 pixels
+        >>> round(expected_merge_dice(a | b, a, [b]), 4)      # (8/24 + 32/36) / 2
+        0.6111
+    """
+    candidates = [gt] + [r for r in others if r.any() and np.logical_and(mask, r).sum() > 0.5 * r.sum()]
+    return float(np.mean([dice(mask, region) for region in candidates]))
 
 
 def predict_policy_masks(
@@ -202,6 +238,7 @@ def generate_reward_data(
             columns["img"].append({"bytes": image_bytes, "path": None})
             columns["mask"].append(encode_mask(mask))
             columns["dice"].append(float(value))
+            columns["expected_dice"].append(expected_merge_dice(mask, gt, others) if kind == "merge" else float(value))
             columns["kind"].append(kind)
             columns["source_row"].append(i)
             columns["source_id"].append(source_ids[i])
@@ -236,14 +273,24 @@ def split_by_source(
 
 
 class RewardNetTorchDataset(torch.utils.data.Dataset):
-    """Reward data rows -> {"pixel_values": (4, S, S) float32, "labels": dice} for the Trainer.
+    """Reward data rows -> {"pixel_values": (4, S, S) float32, "labels": float32} for the Trainer.
+
+    Each source image is decoded, resized and normalised once and kept (up to `cache_bytes`):
+    the samples of a region share their image, so an epoch decodes each image once instead of
+    once per sample. Masks are decoded per access (COCO RLE, fast).
 
     Args:
-        data: reward data (`img`, `mask`, `dice`).
+        data: reward data (`img`, `mask` and the label column).
         input_size: the network's input side.
         image_mean: the image normalisation mean (the network config's).
         image_std: the image normalisation std.
         hflip: flip image and mask left-right with probability 0.5 (the Dice does not change).
+        dihedral: also flip top-bottom and transpose, each with probability 0.5 (with `hflip`: all
+            8 symmetries of the square, none of which changes the Dice).
+        label_column: the training target: "dice", or "expected_dice" (merges labelled with the
+            mean over the regions they could have been meant for; see `expected_merge_dice`).
+            Data without that column falls back to "dice" with a warning.
+        cache_bytes: memory budget of the prepared-image cache (0: no cache).
     """
 
     def __init__(
@@ -253,22 +300,55 @@ class RewardNetTorchDataset(torch.utils.data.Dataset):
         image_mean: Sequence[float],
         image_std: Sequence[float],
         hflip: bool = False,
+        dihedral: bool = False,
+        label_column: str = "dice",
+        cache_bytes: int = 512 * 2**20,
     ):
+        if label_column not in data.column_names:
+            if label_column != "expected_dice":
+                raise ValueError(f"label column {label_column!r} not in the data's columns {data.column_names}")
+            logger.warning("the reward data has no 'expected_dice' column (made before it existed): training on 'dice'")
+            label_column = "dice"
         self.data = data
         self.input_size = input_size
         self.image_mean = image_mean
         self.image_std = image_std
         self.hflip = hflip
+        self.dihedral = dihedral
+        self.label_column = label_column
+        self._images = data.select_columns(["img"]).cast_column("img", datasets.Image(decode=False))
+        self._masks = data["mask"]
+        self._labels = np.asarray(data[label_column], dtype=np.float32)
+        self._cache: dict[bytes, tuple[np.ndarray, tuple[int, int]]] = {}
+        self._cache_left = int(cache_bytes)
 
     def __len__(self) -> int:
         return len(self.data)
 
+    def _image(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The prepared (3, S, S) image channels and the original (H, W) of sample `index`'s image."""
+        value = self._images[index]["img"]
+        key = hashlib.blake2b(value["bytes"], digest_size=16).digest() if value.get("bytes") else value["path"]
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        rgb = to_rgb_array(_open_image(value), index=index, field="img")
+        prepared = (prepare_image(rgb, self.input_size, self.image_mean, self.image_std), rgb.shape[:2])
+        if prepared[0].nbytes <= self._cache_left:
+            self._cache[key] = prepared
+            self._cache_left -= prepared[0].nbytes
+        return prepared
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.data[int(index)]
-        pixel_values = prepare_inputs(
-            [row["img"]], [row["mask"]], self.input_size, self.image_mean, self.image_std,
-            index_offset=int(index), image_field="img",
-        )[0]
+        index = int(index)
+        image, image_hw = self._image(index)
+        mask = prepare_mask(self._masks[index], image_hw, self.input_size, index=index, field="mask")
+        pixel_values = torch.from_numpy(np.concatenate([image, mask[None]], axis=0))
         if self.hflip and torch.rand(()) < 0.5:
             pixel_values = pixel_values.flip(-1)
-        return {"pixel_values": pixel_values, "labels": torch.tensor(row["dice"], dtype=torch.float32)}
+        if self.dihedral:
+            if torch.rand(()) < 0.5:
+                pixel_values = pixel_values.flip(-2)
+            if torch.rand(()) < 0.5:
+                pixel_values = pixel_values.transpose(-1, -2)
+        return {"pixel_values": pixel_values.contiguous(), "labels": torch.tensor(self._labels[index])}

@@ -107,7 +107,13 @@ def dice_distribution(dice: np.ndarray, num_bins: int = 10, quantiles: Sequence[
     }
 
 
-def evaluation_report(scores: np.ndarray, dice: np.ndarray, kinds: Sequence[str] | None = None, num_bins: int = 10) -> dict:
+def evaluation_report(
+    scores: np.ndarray,
+    dice: np.ndarray,
+    kinds: Sequence[str] | None = None,
+    num_bins: int = 10,
+    expected_dice: np.ndarray | None = None,
+) -> dict:
     """Everything the held-out evaluation reports.
 
     Args:
@@ -115,18 +121,33 @@ def evaluation_report(scores: np.ndarray, dice: np.ndarray, kinds: Sequence[str]
         dice: true Dice values.
         kinds: optional per-sample kind (perturbation / "policy"), for a per-kind breakdown.
         num_bins: histogram bins of the true-Dice distribution.
+        expected_dice: optional per-sample Dice a network that sees only (image, mask) can know
+            (the data's `expected_dice` column); its MSE against `dice` is the error no such
+            network can avoid, reported as `ambiguity_floor`.
 
     Returns:
-        {"overall": regression_metrics, "by_kind": {kind: regression_metrics}, "dice_distribution": ...}.
+        {"overall": regression_metrics, "by_kind": {kind: regression_metrics}, "dice_distribution": ...}
+        and, with `expected_dice`, "ambiguity_floor": {"overall": mse, "by_kind": {kind: mse}}.
     """
     scores, dice = np.asarray(scores, dtype=np.float64), np.asarray(dice, dtype=np.float64)
     report = {"overall": regression_metrics(scores, dice), "by_kind": {}}
+    floor = None
+    if expected_dice is not None:
+        expected_dice = np.asarray(expected_dice, dtype=np.float64).reshape(-1)
+        if expected_dice.shape != dice.shape:
+            raise ValueError(f"expected_dice ({expected_dice.shape}) and dice ({dice.shape}) differ in length")
+        squared = (expected_dice - dice) ** 2
+        floor = {"overall": float(squared.mean()) if len(squared) else float("nan"), "by_kind": {}}
     if kinds is not None:
         kinds = np.asarray(list(kinds))
         for kind in sorted(set(kinds.tolist())):
             chosen = kinds == kind
             report["by_kind"][kind] = regression_metrics(scores[chosen], dice[chosen])
+            if floor is not None:
+                floor["by_kind"][kind] = float(squared[chosen].mean())
     report["dice_distribution"] = dice_distribution(dice, num_bins=num_bins)
+    if floor is not None:
+        report["ambiguity_floor"] = floor
     return report
 
 
@@ -139,12 +160,19 @@ def format_report(report: dict) -> str:
     Returns:
         A multi-line string.
     """
-    lines = [f"{'subset':<12} {'count':>6} {'mse':>8} {'mae':>8} {'pearson':>8} {'spearman':>8}"]
+    floor = report.get("ambiguity_floor")
+    header = f"{'subset':<12} {'count':>6} {'mse':>8} {'mae':>8} {'pearson':>8} {'spearman':>8}"
+    lines = [header + (f" {'mse floor':>10}" if floor else "")]
     rows = [("overall", report["overall"])] + list(report.get("by_kind", {}).items())
     for name, m in rows:
-        lines.append(
-            f"{name:<12} {m['count']:>6d} {m['mse']:>8.4f} {m['mae']:>8.4f} {m['pearson']:>8.4f} {m['spearman']:>8.4f}"
-        )
+        line = f"{name:<12} {m['count']:>6d} {m['mse']:>8.4f} {m['mae']:>8.4f} {m['pearson']:>8.4f} {m['spearman']:>8.4f}"
+        if floor:
+            value = floor["overall"] if name == "overall" else floor["by_kind"].get(name, float("nan"))
+            line += f" {value:>10.4f}"
+        lines.append(line)
+    if floor:
+        lines.append("mse floor: the MSE of the best prediction possible without knowing which region was meant "
+                     "(merges: the mean Dice over the regions they cover)")
     dist = report["dice_distribution"]
     lines.append("")
     lines.append("true Dice histogram (held-out)")

@@ -98,23 +98,62 @@ def prepare_inputs(
     """
     if len(images) != len(masks):
         raise RewardNetInputError(f"got {len(images)} images but {len(masks)} masks", field=mask_field)
-    mean = np.asarray(image_mean, dtype=np.float32)
-    std = np.asarray(image_std, dtype=np.float32)
     out = np.empty((len(images), 4, input_size, input_size), dtype=np.float32)
     for i, (image, mask) in enumerate(zip(images, masks)):
         index = index_offset + i
         rgb = to_rgb_array(image, index=index, field=image_field)
-        binary = as_mask(mask, row=index, field=mask_field)
-        if binary.shape != rgb.shape[:2]:
-            raise MaskSizeError(
-                f"is {binary.shape[0]} x {binary.shape[1]} but its image is {rgb.shape[0]} x {rgb.shape[1]} "
-                "(H x W); give the mask at the image's resolution",
-                row=index,
-                field=mask_field,
-            )
-        size = (input_size, input_size)
-        resized = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-        out[i, :3] = ((resized / 255.0 - mean) / std).transpose(2, 0, 1)
-        mask_image = Image.fromarray(binary.astype(np.uint8) * 255)
-        out[i, 3] = np.asarray(mask_image.resize(size, Image.Resampling.NEAREST)) > 127
+        out[i, :3] = prepare_image(rgb, input_size, image_mean, image_std)
+        out[i, 3] = prepare_mask(mask, rgb.shape[:2], input_size, index=index, field=mask_field)
     return torch.from_numpy(out)
+
+
+def prepare_image(
+    rgb: np.ndarray, input_size: int, image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+) -> np.ndarray:
+    """The network's image channels: bilinear resize to input_size, scaled to [0, 1], normalised.
+
+    Args:
+        rgb: an H x W x 3 uint8 array (see `to_rgb_array`).
+        input_size: the side of the square output.
+        image_mean: per-channel mean.
+        image_std: per-channel std.
+
+    Returns:
+        A (3, input_size, input_size) float32 array.
+    """
+    mean = np.asarray(image_mean, dtype=np.float32)
+    std = np.asarray(image_std, dtype=np.float32)
+    size = (input_size, input_size)
+    resized = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    return ((resized / 255.0 - mean) / std).transpose(2, 0, 1)
+
+
+def prepare_mask(mask, image_hw: tuple[int, int], input_size: int, index: int = 0, field: str = "mask") -> np.ndarray:
+    """The network's mask channel: nearest resize to input_size, values 0 / 1.
+
+    Args:
+        mask: an H x W mask in any form `sa2va_trl.rewards.masks.as_mask` accepts.
+        image_hw: its image's (H, W); a mask of another size is rejected.
+        input_size: the side of the square output.
+        index: the sample's index, for error messages.
+        field: the mask's name, for error messages.
+
+    Returns:
+        An (input_size, input_size) float32 array of 0 / 1.
+
+    Raises:
+        MaskSizeError: the mask's H x W differs from `image_hw`.
+    """
+    binary = as_mask(mask, row=index, field=field)
+    if binary.shape != tuple(image_hw):
+        raise MaskSizeError(
+            f"is {binary.shape[0]} x {binary.shape[1]} but its image is {image_hw[0]} x {image_hw[1]} "
+            "(H x W); give the mask at the image's resolution",
+            row=index,
+            field=field,
+        )
+    if binary.shape == (input_size, input_size):
+        return binary.astype(np.float32)
+    mask_image = Image.fromarray(binary.astype(np.uint8) * 255)
+    return (np.asarray(mask_image.resize((input_size, input_size), Image.Resampling.NEAREST)) > 127).astype(np.float32)
