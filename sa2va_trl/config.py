@@ -12,6 +12,7 @@ Two loops share every batch (see docs/architecture.md):
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -91,6 +92,15 @@ class Sa2VAGRPOConfig(GRPOConfig):
     caption_to_mask_reward_weights: list[float] | None = field(
         default=None,
         metadata={"help": "Weights of `caption_to_mask_rewards` (same length); all 1.0 when unset."},
+    )
+
+    reward_options: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Options of the reward factories, by reward name, e.g. `{reward_net: {model_name_or_path: DIR}}` in "
+            "YAML or `'{\"reward_net\": {\"model_name_or_path\": \"DIR\"}}'` on the command line. A reward shared by "
+            "both loops gets the same options in both."
+        },
     )
 
     # EMA: the cycle partner and the KL reference
@@ -222,6 +232,20 @@ class Sa2VAGRPOConfig(GRPOConfig):
             raise ValueError(f"`advantage_mode` must be one of {list(ADVANTAGE_MODES)}, got {self.advantage_mode!r}.")
 
     def _check_rewards(self) -> None:
+        if isinstance(self.reward_options, str):
+            try:
+                self.reward_options = json.loads(self.reward_options)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"`reward_options` is not valid JSON ({error}): {self.reward_options!r}") from None
+        options = self.reward_options or {}
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError("`reward_options` maps reward names to option mappings, e.g. "
+                             f"{{'reward_net': {{'model_name_or_path': 'DIR'}}}}; got {self.reward_options!r}.")
+        named = {name for loop in LOOPS for name in self.loop_rewards(loop)[0]}
+        unused = sorted(set(options) - named)
+        if unused:
+            raise ValueError(f"`reward_options` names {unused}, which neither loop's rewards name (they are "
+                             f"{sorted(named)}): fix the name or drop the entry.")
         for loop in self.loops:
             names, weights = self.loop_rewards(loop)
             if not names:

@@ -287,10 +287,13 @@ def build_peft_config(model_args: ModelConfig, script_args, backend: str | None 
 
 
 def build_loop_rewards(training_args) -> dict[str, list]:
-    """`{loop: [reward, ...]}` from the recipe's per-loop reward names (the registry resolves them)."""
+    """`{loop: [reward, ...]}` from the recipe's per-loop reward names (the registry resolves them), each built
+    with its `reward_options` entry (e.g. the `reward_net` checkpoint)."""
     from sa2va_trl.rewards.registry import get_reward
 
-    return {loop: [get_reward(name) for name in training_args.loop_rewards(loop)[0]] for loop in training_args.loops}
+    options = training_args.reward_options or {}
+    return {loop: [get_reward(name, **options.get(name, {})) for name in training_args.loop_rewards(loop)[0]]
+            for loop in training_args.loops}
 
 
 def drop_missing_reporters(training_args) -> None:

@@ -77,6 +77,9 @@ def args(tmp_path, **kwargs):
         ({"caption_to_mask_weight": -1.0}, "finite number >= 0"),
         ({"reward_weights": [1.0]}, "not TRL's `reward_weights`"),
         ({"beta": 0.1, "sync_ref_model": True}, "EMA model is the KL reference"),
+        ({"reward_options": {"reward_nett": {"model_name_or_path": "x"}}}, r"names \['reward_nett'\], which neither"),
+        ({"reward_options": "{not json"}, "`reward_options` is not valid JSON"),
+        ({"reward_options": {"cycle_iou": 3}}, "maps reward names to option mappings"),
     ],
 )
 def test_config_errors_say_what_to_fix(tmp_path, kwargs, message):
@@ -116,6 +119,22 @@ def test_main_runs_the_demo_recipe_end_to_end(tmp_path):
     assert (out / "ema_model").is_dir()
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert {"loops/mask_to_caption/reward_mean", "loops/caption_to_mask/frac_reward_zero_std", "kl"} <= logged
+
+
+def test_reward_net_scores_loop_2_through_the_entry_point(tmp_path):
+    # The recipe names the trained network in `reward_options`; from the command line it is a JSON string.
+    from sa2va_trl.reward_net import LightweightRewardNetwork, RewardNetConfig
+
+    net_dir = tmp_path / "net"
+    LightweightRewardNetwork(RewardNetConfig(input_size=32)).save_pretrained(net_dir)
+    options = '{"reward_net": {"model_name_or_path": "%s"}}' % net_dir
+    trainer = main(*parse_args([DEMO, "--max_steps", "2", "--synthetic_images", "4", "--output_dir", str(tmp_path / "run"),
+                                "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+                                "--caption_to_mask_rewards", "cycle_meteor", "reward_net", "--reward_options", options]))
+    assert trainer.args.reward_options == {"reward_net": {"model_name_or_path": str(net_dir)}}
+    scores = [float(entry["rewards/caption_to_mask/reward_net/mean"]) for entry in trainer.state.log_history
+              if "rewards/caption_to_mask/reward_net/mean" in entry]
+    assert len(scores) == 2 and all(0.0 < score < 1.0 for score in scores)  # a sigmoid on every loop-2 mask
 
 
 @pytest.mark.slow
