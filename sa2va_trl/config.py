@@ -139,6 +139,15 @@ class Sa2VAGRPOConfig(GRPOConfig):
             "choices": list(ADVANTAGE_MODES),
         },
     )
+    negative_advantage_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multiplies the negative advantages (after `advantage_mode` and before the loop weights). 1.0 is "
+            "GRPO; 0.0 learns only from the samples that beat their group (rejection-sampling fine-tuning with a "
+            "group baseline). On the tiny shapes world with a position oracle, signed advantages lowered held-out "
+            "position accuracy (0.52 -> 0.47) where learning from the better samples alone raised it (-> 0.56)."
+        },
+    )
 
     # Stochastic mask action (loop 2)
     mask_action: bool = field(
@@ -161,6 +170,14 @@ class Sa2VAGRPOConfig(GRPOConfig):
         },
     )
 
+    mask_action_sigma_relative: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale the mask action's standard deviation by each sample's rms(mu): s = mask_action_sigma * "
+            "rms(mu). With a fixed sigma the policy can gain reward by growing |mu| until the noise stops mattering, "
+            "which sharpens the sampled masks without improving the greedy one."
+        },
+    )
     mask_pixel_action: bool = field(
         default=False,
         metadata={
@@ -230,6 +247,8 @@ class Sa2VAGRPOConfig(GRPOConfig):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value}.")
         if self.advantage_mode not in ADVANTAGE_MODES:
             raise ValueError(f"`advantage_mode` must be one of {list(ADVANTAGE_MODES)}, got {self.advantage_mode!r}.")
+        if not (math.isfinite(self.negative_advantage_weight) and 0.0 <= self.negative_advantage_weight <= 1.0):
+            raise ValueError(f"`negative_advantage_weight` must lie in [0, 1] (1 is GRPO), got {self.negative_advantage_weight}.")
 
     def _check_rewards(self) -> None:
         if isinstance(self.reward_options, str):

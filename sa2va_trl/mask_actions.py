@@ -27,9 +27,20 @@ import torch.nn.functional as F
 LOGPROB_FLOOR = -30.0
 
 
-def sample_prompt_action(mu: torch.Tensor, sigma: float, generator: torch.Generator | None = None):
-    """e ~ N(mu, sigma^2 I) per row of `mu` (N, D). Returns (e, per-row sigma (N,))."""
-    scale = torch.full(mu.shape[:1], float(sigma), device=mu.device, dtype=mu.dtype)
+def sample_prompt_action(mu: torch.Tensor, sigma: float, generator: torch.Generator | None = None,
+                         relative: bool = False):
+    """e ~ N(mu, s^2 I) per row of `mu` (N, D), s = sigma, or with `relative` s = sigma * rms(mu) of that row.
+    Returns (e, per-row s (N,)).
+
+    With a fixed s the policy can raise its reward without a better mode: a larger |mu| drowns the noise, so
+    sampled masks get closer to the greedy one (measured on the tiny world: rms(mu) +22% in 150 steps while the
+    training IoU rose 0.87 -> 0.91 and the held-out IoU stayed flat). A relative s scales with mu and removes that
+    shortcut; s is a constant of the sample (no gradient through it). It did not raise held-out IoU either
+    (loop 2 alone, 300 steps: 0.9610 relative vs 0.9611 fixed, from 0.9608)."""
+    if relative:
+        scale = float(sigma) * mu.detach().pow(2).mean(dim=-1).sqrt().clamp(min=1e-6)
+    else:
+        scale = torch.full(mu.shape[:1], float(sigma), device=mu.device, dtype=mu.dtype)
     noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + scale.unsqueeze(-1) * noise, scale
 

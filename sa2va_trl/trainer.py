@@ -779,9 +779,11 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         if self.args.mask_action:
             generators = self._sample_generators(loop.positions, "mask_action", mu.device)
             if generators is None:
-                prompt_embeddings, loop.seg_scale = sample_prompt_action(mu, self.args.mask_action_sigma)
+                prompt_embeddings, loop.seg_scale = sample_prompt_action(mu, self.args.mask_action_sigma,
+                                                                         relative=self.args.mask_action_sigma_relative)
             else:  # one draw per sample from its own generator (`per_sample_seeds`)
-                draws = [sample_prompt_action(mu[j : j + 1], self.args.mask_action_sigma, generator=g)
+                draws = [sample_prompt_action(mu[j : j + 1], self.args.mask_action_sigma, generator=g,
+                                              relative=self.args.mask_action_sigma_relative)
                          for j, g in enumerate(generators)]
                 prompt_embeddings = torch.cat([e for e, _ in draws])
                 loop.seg_scale = torch.cat([s for _, s in draws])
@@ -900,7 +902,8 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         return samples[:max_samples] if max_samples is not None else samples
 
     def _reshape_advantages(self, inputs: list[dict], advantages: torch.Tensor) -> torch.Tensor:
-        """Rank advantages if asked, loop weights, and the per-loop signal metrics (on the global batch)."""
+        """Rank advantages if asked, the negative-advantage weight, loop weights, and the per-loop signal metrics (on
+        the global batch)."""
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         rewards_per_func = self._last_rewards_per_func
@@ -915,6 +918,8 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
 
         if self.args.advantage_mode == "rank":
             advantages = rank_advantages(rewards, num_generations)[start : start + n].to(device)
+        if self.args.negative_advantage_weight != 1.0:
+            advantages = torch.where(advantages < 0, advantages * self.args.negative_advantage_weight, advantages)
         loop_weight = torch.tensor([self.args.loop_weight(t) for t in tasks], device=rewards.device)
         advantages = advantages * loop_weight[start : start + n].to(device)
 

@@ -63,6 +63,20 @@ def test_prompt_action_log_density_is_the_tempered_gaussian():
     torch.testing.assert_close(mu.grad, (action - mu.detach()) / (0.25 * 8))  # the score, divided by D
 
 
+def test_relative_prompt_action_noise_scales_with_mu_so_a_larger_mu_cannot_drown_it():
+    mu = torch.randn(2, 256)
+    draws = [sample_prompt_action(k * mu, 0.5, generator=torch.Generator().manual_seed(3), relative=True)
+             for k in (1.0, 10.0)]
+    for k, (action, scale) in zip((1.0, 10.0), draws):
+        torch.testing.assert_close(scale, 0.5 * (k * mu).pow(2).mean(-1).sqrt())
+        relative_noise = ((action - k * mu).pow(2).mean(-1).sqrt() / (k * mu).pow(2).mean(-1).sqrt())
+        torch.testing.assert_close(relative_noise, torch.full((2,), 0.5), atol=0.06, rtol=0)
+    # the same draw, scaled: a 10x larger mu sees 10x the noise, unlike a fixed sigma
+    torch.testing.assert_close(draws[1][0], 10.0 * draws[0][0])
+    fixed = [sample_prompt_action(k * mu, 0.5, generator=torch.Generator().manual_seed(3))[0] - k * mu for k in (1.0, 10.0)]
+    torch.testing.assert_close(fixed[0], fixed[1])
+
+
 def test_pixel_action_with_one_generator_per_map_is_reproducible_per_map():
     logits = [torch.zeros(8, 8), torch.zeros(8, 8)]
     seeded = lambda s: torch.Generator().manual_seed(s)

@@ -143,6 +143,18 @@ def test_rank_advantage_mode(tmp_path):
     assert output["advantages"].abs().max() <= 1.0
 
 
+def test_negative_advantage_weight_scales_only_the_negative_advantages(tmp_path):
+    trainer = make_trainer(tmp_path, scale_rewards="none", caption_to_mask_weight=0.5, negative_advantage_weight=0.25)
+    trainer.ema.attach(trainer.model)
+    batch = generation_batch(trainer)
+    output = trainer._generate_and_score_completions(batch)
+    rewards = (trainer._last_rewards_per_func * trainer.reward_weights).nansum(dim=1)
+    centred = rewards - rewards.view(-1, G).mean(dim=1).repeat_interleave(G)
+    assert (centred < 0).any() and (centred > 0).any()  # both signs occur, so the test can tell them apart
+    weights = torch.tensor([0.5 if row["task"] == CAPTION_TO_MASK else 1.0 for row in batch])
+    torch.testing.assert_close(output["advantages"], torch.where(centred < 0, 0.25 * centred, centred) * weights)
+
+
 def test_rank_advantages_by_hand():
     rewards = torch.tensor([0.1, 0.9, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 0.0, float("nan"), 2.0, 1.0])
     expected = [-1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0]
