@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -117,3 +118,34 @@ def test_scaling_quick_one_axis(tmp_path):
     assert {"time_loglog_slope", "memory_delta_loglog_slope", "peak_rss_loglog_slope"} <= set(axis)
     assert all(p["step_seconds"] > 0 and p["maxrss_mb"] > 0 for p in axis["points"])
     assert "memory_method" in result
+
+
+def test_position_oracle_scores_the_position_named():
+    from policy_gradient_probe import position_oracle
+
+    completions = ["a small red circle in the top left", "a small red circle in the center", "gibberish"]
+    references = ["the little red circle at the upper left"] * 3
+    assert position_oracle(completions=completions, caption=references) == [1.0, 0.0, 0.0]
+
+
+def test_probe_weights_follow_their_definitions():
+    from policy_gradient_probe import sample_weights
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    signed = sample_weights(rewards, 4, "signed")
+    assert signed[0] > 0 and (signed[1:4] < 0).all() and signed[4:].abs().max() < 1e-6  # a uniform group: 0
+    torch.testing.assert_close(sample_weights(rewards, 4, "positive"), signed.clamp(min=0))
+    assert torch.equal(sample_weights(rewards, 4, "correct"), rewards)
+
+
+@pytest.mark.slow
+def test_policy_gradient_probe_smallest(tmp_path):
+    from policy_gradient_probe import main
+
+    warm = str(BENCHMARKS.parent / "sa2va_trl" / "assets" / "tiny_warm")
+    result = main(["--model", warm, "--steps", "2", "--prompts", "2", "--test-regions", "4", "--spread",
+                   "--out", str(tmp_path / "probe.json")])
+    assert json.loads((tmp_path / "probe.json").read_text()) == result
+    assert sum(result["spread"].values()) == 4 and [r["variant"] for r in result["runs"]] == ["signed", "positive", "correct"]
+    for run in result["runs"]:
+        assert 0.0 <= run["greedy_position_after"] <= 1.0
