@@ -10,8 +10,9 @@ and after. Three weightings of the samples, from the same start:
 - `positive`: the same with negative advantages set to 0 (`negative_advantage_weight: 0` in the trainer);
 - `correct`: weight 1 on every correct sample (rejection-sampling fine-tuning).
 
-`--spread` also samples G captions per test region and counts regions whose samples are all right, all
-wrong, or mixed: mixed regions are where on-policy sampling can find a better answer.
+`--spread` also samples 8 captions per test region, before and after each run, and counts regions whose
+samples are all right, all wrong, or mixed: mixed regions are where on-policy sampling can find a better
+answer, and a run that turns mixed regions into all-wrong ones has made the model surer of wrong answers.
 
     python benchmarks/policy_gradient_probe.py --model outputs/warm800 --steps 150   # ~2 min per variant, 1 thread
 
@@ -92,7 +93,8 @@ def sample_weights(rewards: torch.Tensor, G: int, variant: str) -> torch.Tensor:
     return advantages.clamp(min=0) if variant == "positive" else advantages
 
 
-def train(model_path: str, variant: str, steps: int, prompts: int, G: int, lr: float, test, seed: int) -> dict:
+def train(model_path: str, variant: str, steps: int, prompts: int, G: int, lr: float, test, seed: int,
+          spread: bool = False) -> dict:
     from sa2va_trl.models import Sa2VAPolicy
 
     torch.manual_seed(seed)
@@ -124,7 +126,8 @@ def train(model_path: str, variant: str, steps: int, prompts: int, G: int, lr: f
     return {"variant": variant, "greedy_position_before": before, "greedy_position_after": greedy_accuracy(policy, test),
             "train_reward_first_tenth": float(np.mean(rewards_seen[:tenth])),
             "train_reward_last_tenth": float(np.mean(rewards_seen[-tenth:])),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start,
+            **({"spread_after": sample_spread(policy, test, 8)} if spread else {})}
 
 
 def main(argv=None) -> dict:
@@ -150,11 +153,12 @@ def main(argv=None) -> dict:
         result["spread"] = sample_spread(Sa2VAPolicy.from_pretrained(args.model), test, 8)
         print("sampled positions over 8 draws per test region:", result["spread"], flush=True)
     for variant in args.variants.split(","):
-        run = train(args.model, variant, args.steps, args.prompts, args.num_generations, args.lr, test, args.seed)
+        run = train(args.model, variant, args.steps, args.prompts, args.num_generations, args.lr, test, args.seed,
+                    spread=args.spread)
         result["runs"].append(run)
         print(f"{variant:>8}: greedy position {run['greedy_position_before']:.3f} -> {run['greedy_position_after']:.3f}; "
               f"train reward {run['train_reward_first_tenth']:.3f} -> {run['train_reward_last_tenth']:.3f} "
-              f"({run['seconds']:.0f} s)", flush=True)
+              f"({run['seconds']:.0f} s){'; spread after: ' + str(run['spread_after']) if args.spread else ''}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

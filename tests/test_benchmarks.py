@@ -148,4 +148,4 @@ def test_policy_gradient_probe_smallest(tmp_path):
     assert json.loads((tmp_path / "probe.json").read_text()) == result
     assert sum(result["spread"].values()) == 4 and [r["variant"] for r in result["runs"]] == ["signed", "positive", "correct"]
     for run in result["runs"]:
-        assert 0.0 <= run["greedy_position_after"] <= 1.0
+        assert 0.0 <= run["greedy_position_after"] <= 1.0 and sum(run["spread_after"].values()) == 4
