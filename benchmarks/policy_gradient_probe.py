@@ -95,13 +95,14 @@ def sample_weights(rewards: torch.Tensor, G: int, variant: str) -> torch.Tensor:
 
 def train(model_path: str, variant: str, steps: int, prompts: int, G: int, lr: float, test, seed: int,
           spread: bool = False) -> dict:
+    from sa2va_trl.config import Sa2VAScriptArguments
+    from sa2va_trl.grpo import set_trainable_parts
     from sa2va_trl.models import Sa2VAPolicy
 
     torch.manual_seed(seed)
     policy = Sa2VAPolicy.from_pretrained(model_path)
-    trainable = ("language_model", "mlp1", "text_hidden_fcs")
-    for name, param in policy.model.named_parameters():
-        param.requires_grad_(name.startswith(trainable))
+    # the demo recipe's parts: LLM, mlp1, text_hidden_fcs; the SAM2 decoder and both encoders frozen
+    set_trainable_parts(policy.model, Sa2VAScriptArguments(train_mask_decoder=False), use_peft=False)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     before = greedy_accuracy(policy, test)
