@@ -149,3 +149,33 @@ def test_policy_gradient_probe_smallest(tmp_path):
     assert sum(result["spread"].values()) == 4 and [r["variant"] for r in result["runs"]] == ["signed", "positive", "correct"]
     for run in result["runs"]:
         assert 0.0 <= run["greedy_position_after"] <= 1.0 and sum(run["spread_after"].values()) == 4
+
+
+def test_exact_binomial_p_by_hand():
+    from paired_predictions import exact_binomial_p
+
+    assert exact_binomial_p(0, 0) == 1.0
+    assert exact_binomial_p(5, 0) == 2 / 32  # two-sided: 2 * P(X <= 0), n = 5
+    assert abs(exact_binomial_p(1, 4) - 2 * 6 / 32) < 1e-12  # 2 * P(X <= 1) = 2 * (1 + 5) / 32
+
+
+def test_paired_predictions_counts_fixed_and_broken_regions(tmp_path):
+    from paired_predictions import compare, load_predictions
+
+    ref = "a small red circle in the top left"
+    def line(i, pred, iou):
+        return {"source_id": "img0", "region_index": i, "num_regions": 2, "caption": ref, "pred_caption": pred, "iou": iou}
+
+    base = [line(0, ref, 0.9), line(1, "a small red circle in the center", 0.5), line(2, ref, 0.7)]
+    new = [line(0, "a small red square in the top left", 0.9), line(1, ref, 0.8), line(2, ref, 0.8)]
+    paths = []
+    for name, rows in (("base", base), ("new", new)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(path))
+    result = compare(load_predictions(paths[0]), load_predictions(paths[1]))
+    assert (result["exact_match"]["fixed"], result["exact_match"]["broken"]) == (1, 1)  # region 1 fixed, 0 broken
+    assert (result["position"]["fixed"], result["position"]["broken"]) == (1, 0)
+    assert (result["shape"]["fixed"], result["shape"]["broken"]) == (0, 1)
+    assert (result["iou"]["up"], result["iou"]["down"]) == (2, 0)
+    assert abs(result["iou"]["multi_shape_mean_change"] - (0.0 + 0.3 + 0.1) / 3) < 1e-9
