@@ -31,8 +31,8 @@ def hash_reward(prompts, completions, completion_ids, **kwargs):
     return [zlib.crc32(str(ids).encode()) % 1000 / 1000 for ids in completion_ids]
 
 
-def make_trainer(tmp_path, rewards=None, dataset=None, **overrides):
-    model, tokenizer = build_tiny_model(seed=0)
+def make_trainer(tmp_path, rewards=None, dataset=None, model_and_tokenizer=None, **overrides):
+    model, tokenizer = model_and_tokenizer or build_tiny_model(seed=0)
     model.train()
     settings = dict(
         output_dir=str(tmp_path),
@@ -153,6 +153,36 @@ def test_negative_advantage_weight_scales_only_the_negative_advantages(tmp_path)
     assert (centred < 0).any() and (centred > 0).any()  # both signs occur, so the test can tell them apart
     weights = torch.tensor([0.5 if row["task"] == CAPTION_TO_MASK else 1.0 for row in batch])
     torch.testing.assert_close(output["advantages"], torch.where(centred < 0, 0.25 * centred, centred) * weights)
+
+
+def test_relative_mask_action_sigma_scales_each_samples_noise_with_its_mu(tmp_path, monkeypatch):
+    import sa2va_trl.trainer as trainer_module
+
+    original, seen = trainer_module.sample_prompt_action, []
+
+    def recording(mu, sigma, generator=None, relative=False):
+        seen.append((mu.detach().clone(), relative))
+        return original(mu, sigma, generator=generator, relative=relative)
+
+    monkeypatch.setattr(trainer_module, "sample_prompt_action", recording)
+    # the warm start answers with [SEG] (the random tiny model does not, and its mu is then 0)
+    import transformers
+
+    from sa2va_trl.models.modeling_sa2va import Sa2VAModel
+    from sa2va_trl.sft import tiny_warm_start_path
+
+    warm = str(tiny_warm_start_path())
+    trainer = make_trainer(tmp_path, loops=[CAPTION_TO_MASK], mask_action_sigma=0.5, mask_action_sigma_relative=True,
+                           model_and_tokenizer=(Sa2VAModel.from_pretrained(warm),
+                                                transformers.AutoTokenizer.from_pretrained(warm)))
+    trainer.ema.attach(trainer.model)
+    trainer._generate_and_score_completions(generation_batch(trainer))
+    loop = trainer._generation.loops[CAPTION_TO_MASK]
+    assert len(seen) == 1 and seen[0][1] is True
+    mu = seen[0][0]
+    assert loop.has_seg.all()
+    torch.testing.assert_close(loop.seg_scale, 0.5 * mu.pow(2).mean(dim=-1).sqrt())
+    assert loop.seg_scale.std() > 0  # per sample, not one fixed sigma
 
 
 def test_rank_advantages_by_hand():
