@@ -8,7 +8,11 @@ and after. Three weightings of the samples, from the same start:
 
 - `signed`: GRPO's (r - group mean) / group std;
 - `positive`: the same with negative advantages set to 0 (`negative_advantage_weight: 0` in the trainer);
-- `correct`: weight 1 on every correct sample (rejection-sampling fine-tuning).
+- `correct`: weight 1 on every correct sample (rejection-sampling fine-tuning);
+- `likelihood`: (r - group mean) / group mean, the gradient of log P(right) per region instead of P(right): a
+  region the model rarely gets right weighs more, as in supervised log-loss (`advantage_mode: likelihood`).
+
+`--temperature` sets the sampling temperature of training (and of `--spread`); evaluation is greedy.
 
 `--spread` also samples 8 captions per test region, before and after each run, and counts regions whose
 samples are all right, all wrong, or mixed: mixed regions are where on-policy sampling can find a better
@@ -36,7 +40,7 @@ from PIL import Image
 from sa2va_trl.data.synthetic import generate_scene, parse_caption, scene_rng
 
 TRAIN_OFFSET = 1_000_000  # train-split scene indices far from any the demo or the SFT recipe draw
-VARIANTS = ("signed", "positive", "correct")
+VARIANTS = ("signed", "positive", "correct", "likelihood")
 
 
 def _position(text: str | None):
@@ -71,14 +75,15 @@ def greedy_accuracy(policy, test) -> float:
     return right / len(test)
 
 
-def sample_spread(policy, test, G: int) -> dict:
+def sample_spread(policy, test, G: int, temperature: float = 1.0) -> dict:
     """Regions whose G sampled captions name the right position always, never, or sometimes."""
     counts = {"all_right": 0, "all_wrong": 0, "mixed": 0}
     policy.model.eval()
     with torch.no_grad():
         for start in range(0, len(test), 16):
             chunk = test[start:start + 16]
-            rollout = policy.sample(policy.caption_prompts([c[0] for c in chunk], [c[1] for c in chunk]), G, 12)
+            rollout = policy.sample(policy.caption_prompts([c[0] for c in chunk], [c[1] for c in chunk]), G, 12,
+                                    temperature=temperature)
             for i, c in enumerate(chunk):
                 right = [_position(t) == c[2] for t in rollout.completions[i * G:(i + 1) * G]]
                 counts["all_right" if all(right) else "all_wrong" if not any(right) else "mixed"] += 1
@@ -88,13 +93,17 @@ def sample_spread(policy, test, G: int) -> dict:
 def sample_weights(rewards: torch.Tensor, G: int, variant: str) -> torch.Tensor:
     if variant == "correct":
         return rewards
+    if variant == "likelihood":
+        from sa2va_trl.trainer import likelihood_advantages
+
+        return likelihood_advantages(rewards, G)
     grouped = rewards.view(-1, G)
     advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
     return advantages.clamp(min=0) if variant == "positive" else advantages
 
 
 def train(model_path: str, variant: str, steps: int, prompts: int, G: int, lr: float, test, seed: int,
-          spread: bool = False) -> dict:
+          spread: bool = False, temperature: float = 1.0, eval_every: int = 0) -> dict:
     from sa2va_trl.config import Sa2VAScriptArguments
     from sa2va_trl.grpo import set_trainable_parts
     from sa2va_trl.models import Sa2VAPolicy
@@ -106,16 +115,18 @@ def train(model_path: str, variant: str, steps: int, prompts: int, G: int, lr: f
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     before = greedy_accuracy(policy, test)
-    next_scene, rewards_seen, start = TRAIN_OFFSET, [], time.perf_counter()
-    for _ in range(steps):
+    next_scene, rewards_seen, start, curve = TRAIN_OFFSET, [], time.perf_counter(), []
+    for step in range(1, steps + 1):
         batch, next_scene = regions("train", next_scene, prompts)
         policy.model.eval()
         with torch.no_grad():
-            rollout = policy.sample(policy.caption_prompts([b[0] for b in batch], [b[1] for b in batch]), G, 12)
+            rollout = policy.sample(policy.caption_prompts([b[0] for b in batch], [b[1] for b in batch]), G, 12,
+                                    temperature=temperature)
         rewards = torch.tensor([float(_position(text) == batch[i // G][2]) for i, text in enumerate(rollout.completions)])
         weights = sample_weights(rewards, G, variant)
         policy.model.train()
-        logprobs = policy.completion_logprobs(rollout.batch, rollout.completion_ids, rollout.completion_mask).logprobs
+        logprobs = policy.completion_logprobs(rollout.batch, rollout.completion_ids, rollout.completion_mask,
+                                              temperature=temperature).logprobs
         mask = rollout.completion_mask.float()
         loss = -(weights[:, None] * logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad()
@@ -123,12 +134,15 @@ def train(model_path: str, variant: str, steps: int, prompts: int, G: int, lr: f
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         rewards_seen.append(rewards.mean().item())
+        if eval_every and step % eval_every == 0 and step < steps:
+            curve.append([step, greedy_accuracy(policy, test)])
+            print(f"  {variant} step {step}: greedy position {curve[-1][1]:.3f}", flush=True)
     tenth = max(1, steps // 10)
     return {"variant": variant, "greedy_position_before": before, "greedy_position_after": greedy_accuracy(policy, test),
             "train_reward_first_tenth": float(np.mean(rewards_seen[:tenth])),
             "train_reward_last_tenth": float(np.mean(rewards_seen[-tenth:])),
-            "seconds": time.perf_counter() - start,
-            **({"spread_after": sample_spread(policy, test, 8)} if spread else {})}
+            "seconds": time.perf_counter() - start, **({"greedy_position_curve": curve} if curve else {}),
+            **({"spread_after": sample_spread(policy, test, 8, temperature)} if spread else {})}
 
 
 def main(argv=None) -> dict:
@@ -141,6 +155,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--test-regions", type=int, default=400)
     parser.add_argument("--spread", action="store_true", help="also count all-right / all-wrong / mixed test regions")
+    parser.add_argument("--eval-every", type=int, default=0, help="greedy position on the test regions every N steps")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "policy_gradient_probe.json"))
     args = parser.parse_args(argv)
@@ -151,11 +167,11 @@ def main(argv=None) -> dict:
     if args.spread:
         from sa2va_trl.models import Sa2VAPolicy
 
-        result["spread"] = sample_spread(Sa2VAPolicy.from_pretrained(args.model), test, 8)
+        result["spread"] = sample_spread(Sa2VAPolicy.from_pretrained(args.model), test, 8, args.temperature)
         print("sampled positions over 8 draws per test region:", result["spread"], flush=True)
     for variant in args.variants.split(","):
         run = train(args.model, variant, args.steps, args.prompts, args.num_generations, args.lr, test, args.seed,
-                    spread=args.spread)
+                    spread=args.spread, temperature=args.temperature, eval_every=args.eval_every)
         result["runs"].append(run)
         print(f"{variant:>8}: greedy position {run['greedy_position_before']:.3f} -> {run['greedy_position_after']:.3f}; "
               f"train reward {run['train_reward_first_tenth']:.3f} -> {run['train_reward_last_tenth']:.3f} "

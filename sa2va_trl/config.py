@@ -24,7 +24,7 @@ from sa2va_trl.rewards.registry import list_rewards
 MASK_TO_CAPTION = "mask_to_caption"
 CAPTION_TO_MASK = "caption_to_mask"
 LOOPS = (MASK_TO_CAPTION, CAPTION_TO_MASK)
-ADVANTAGE_MODES = ("group", "rank")
+ADVANTAGE_MODES = ("group", "rank", "likelihood")
 MODEL_BACKENDS = ("native", "remote")
 
 
@@ -135,7 +135,9 @@ class Sa2VAGRPOConfig(GRPOConfig):
         metadata={
             "help": "`group`: TRL's advantages ((r - group mean) / group std, see `scale_rewards`). `rank`: each "
             "reward is replaced by its rank inside its group, centred and scaled to [-1, 1] (ties share a rank), "
-            "which is robust to reward scale and outliers (seed 003 compared both).",
+            "which is robust to reward scale and outliers (seed 003 compared both). `likelihood`: (r - group mean) / "
+            "group mean, the gradient of log E[r] per prompt (rewards >= 0): prompts the model rarely gets right weigh "
+            "more, as in supervised log-loss.",
             "choices": list(ADVANTAGE_MODES),
         },
     )

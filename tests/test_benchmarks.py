@@ -136,6 +136,7 @@ def test_probe_weights_follow_their_definitions():
     assert signed[0] > 0 and (signed[1:4] < 0).all() and signed[4:].abs().max() < 1e-6  # a uniform group: 0
     torch.testing.assert_close(sample_weights(rewards, 4, "positive"), signed.clamp(min=0))
     assert torch.equal(sample_weights(rewards, 4, "correct"), rewards)
+    torch.testing.assert_close(sample_weights(rewards, 4, "likelihood"), torch.tensor([3.0, -1, -1, -1, 0, 0, 0, 0]))
 
 
 @pytest.mark.slow
@@ -144,11 +145,13 @@ def test_policy_gradient_probe_smallest(tmp_path):
 
     warm = str(BENCHMARKS.parent / "sa2va_trl" / "assets" / "tiny_warm")
     result = main(["--model", warm, "--steps", "2", "--prompts", "2", "--test-regions", "4", "--spread",
-                   "--out", str(tmp_path / "probe.json")])
+                   "--eval-every", "1", "--temperature", "0.7", "--out", str(tmp_path / "probe.json")])
     assert json.loads((tmp_path / "probe.json").read_text()) == result
-    assert sum(result["spread"].values()) == 4 and [r["variant"] for r in result["runs"]] == ["signed", "positive", "correct"]
+    assert sum(result["spread"].values()) == 4 and [r["variant"] for r in result["runs"]] == [
+        "signed", "positive", "correct", "likelihood"]
     for run in result["runs"]:
         assert 0.0 <= run["greedy_position_after"] <= 1.0 and sum(run["spread_after"].values()) == 4
+        assert [step for step, _ in run["greedy_position_curve"]] == [1]
 
 
 def test_exact_binomial_p_by_hand():

@@ -20,6 +20,7 @@ from sa2va_trl.trainer import (
     Sa2VAGRPOTrainer,
     Sa2VARowError,
     _EMAReference,
+    likelihood_advantages,
     rank_advantages,
 )
 
@@ -141,6 +142,27 @@ def test_rank_advantage_mode(tmp_path):
     rewards = (trainer._last_rewards_per_func * trainer.reward_weights).nansum(dim=1)
     torch.testing.assert_close(output["advantages"], rank_advantages(rewards, G))
     assert output["advantages"].abs().max() <= 1.0
+
+
+def test_likelihood_advantage_mode(tmp_path):
+    trainer = make_trainer(tmp_path, advantage_mode="likelihood", caption_to_mask_weight=0.5)
+    trainer.ema.attach(trainer.model)
+    batch = generation_batch(trainer)
+    output = trainer._generate_and_score_completions(batch)
+    rewards = (trainer._last_rewards_per_func * trainer.reward_weights).nansum(dim=1)
+    means = rewards.view(-1, G).mean(dim=1).repeat_interleave(G)
+    weights = torch.tensor([0.5 if row["task"] == CAPTION_TO_MASK else 1.0 for row in batch])
+    assert (means > 0).all()
+    torch.testing.assert_close(output["advantages"], (rewards - means) / means * weights)
+
+
+def test_likelihood_advantages_by_hand():
+    # 1 right in 4 pulls the right answer 3x; 3 right in 4 pull 1/3 each; nothing right: no signal; NaN left out
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, float("nan"), 0.5, 0.5, 1.0])
+    expected = torch.tensor([3.0, -1, -1, -1, 1 / 3, 1 / 3, 1 / 3, -1, 0, 0, 0, 0, 0, -0.25, -0.25, 0.5])
+    torch.testing.assert_close(likelihood_advantages(rewards, 4), expected)
+    with pytest.raises(ValueError, match="sample 2 .* -0.5"):
+        likelihood_advantages(torch.tensor([1.0, 0.5, -0.5, 0.0]), 4)
 
 
 def test_negative_advantage_weight_scales_only_the_negative_advantages(tmp_path):
