@@ -195,6 +195,14 @@ class Sa2VAGRPOConfig(GRPOConfig):
         default=1.0,
         metadata={"help": "Temperature of the pixel action: above 1 flips more boundary pixels (more exploration)."},
     )
+    mask_pixel_temperature_relative: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale the pixel action's temperature by each mask's mean |logit| (then `mask_pixel_temperature` "
+            "is in those units, e.g. 0.1). With a fixed temperature the decoder can gain reward by scaling its logits "
+            "up, so fewer pixels flip, without a better greedy mask (measured: flips halved, held-out IoU fell)."
+        },
+    )
 
     # Sampling
     per_sample_seeds: bool = field(

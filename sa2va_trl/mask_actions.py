@@ -53,33 +53,53 @@ def prompt_action_logprob(action: torch.Tensor, mu: torch.Tensor, scale: torch.T
     return log_density.clamp(min=LOGPROB_FLOOR)
 
 
+def _per_map(temperature: float | Sequence[float], count: int) -> list[float]:
+    temperatures = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature] * count
+    if len(temperatures) != count:
+        raise ValueError(f"{len(temperatures)} temperatures for {count} logit maps")
+    if any(t <= 0 for t in temperatures):
+        raise ValueError(f"the pixel action's temperature must be > 0, got {min(temperatures)}")
+    return temperatures
+
+
+def relative_pixel_temperatures(mask_logits: Sequence[torch.Tensor], temperature: float) -> list[float]:
+    """Per map, `temperature` times the map's mean |logit| (a constant of the sample, no gradient).
+
+    With a fixed temperature the decoder can raise the sampled masks' reward by scaling its logits up: fewer pixels
+    flip, the samples get closer to the greedy mask, and the greedy mask does not improve (measured on the tiny world:
+    the flip fraction halved in 600 steps while held-out IoU fell 0.9741 -> 0.9723). Scaling every logit by c scales
+    the mean |logit| by c too, so with a relative temperature that shortcut is gone."""
+    return [float(temperature) * max(float(logits.detach().float().abs().mean()), 1e-3) for logits in mask_logits]
+
+
 def sample_pixel_action(
     mask_logits: Sequence[torch.Tensor],
-    temperature: float,
+    temperature: float | Sequence[float],
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> list[torch.Tensor]:
     """One Bernoulli(sigmoid(logit / temperature)) draw per pixel of each (H_i, W_i) logit map; bool masks.
-    `generator` is one generator for all maps or one per map (per-sample seeding)."""
-    if temperature <= 0:
-        raise ValueError(f"the pixel action's temperature must be > 0, got {temperature}")
+    `temperature` is one for all maps or one per map; `generator` one for all maps or one per map (per-sample
+    seeding)."""
+    temperatures = _per_map(temperature, len(mask_logits))
     generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(mask_logits)
     if len(generators) != len(mask_logits):
         raise ValueError(f"{len(generators)} generators for {len(mask_logits)} logit maps")
     masks = []
-    for logits, g in zip(mask_logits, generators):
-        probs = torch.sigmoid(logits.detach().float() / temperature)
+    for logits, g, temp in zip(mask_logits, generators, temperatures):
+        probs = torch.sigmoid(logits.detach().float() / temp)
         masks.append(torch.rand(probs.shape, generator=g, device=probs.device) < probs)
     return masks
 
 
 def pixel_action_logprob(
-    mask_logits: Sequence[torch.Tensor], actions: Sequence[torch.Tensor], temperature: float
+    mask_logits: Sequence[torch.Tensor], actions: Sequence[torch.Tensor], temperature: float | Sequence[float]
 ) -> torch.Tensor:
-    """Mean over pixels of log Bernoulli(action | sigmoid(logit / temperature)), per mask. (N,), differentiable."""
+    """Mean over pixels of log Bernoulli(action | sigmoid(logit / temperature)), per mask (`temperature` one for all
+    or one per mask). (N,), differentiable."""
     if len(mask_logits) != len(actions):
         raise ValueError(f"{len(mask_logits)} logit maps but {len(actions)} sampled masks")
     values = []
-    for logits, action in zip(mask_logits, actions):
+    for logits, action, temperature in zip(mask_logits, actions, _per_map(temperature, len(mask_logits))):
         if logits.shape != action.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and sampled mask {tuple(action.shape)} differ in size")
         target = action.to(device=logits.device, dtype=torch.float32)

@@ -39,6 +39,7 @@ from sa2va_trl.mask_actions import (
     flip_fraction,
     pixel_action_logprob,
     prompt_action_logprob,
+    relative_pixel_temperatures,
     sample_pixel_action,
     sample_prompt_action,
 )
@@ -395,6 +396,7 @@ class _LoopRollout:
     seg_action: torch.Tensor | None = None  # (n, D) sampled SAM2 prompt embeddings (loop 2, mask action on)
     seg_scale: torch.Tensor | None = None  # (n,) standard deviation used for each sample
     pixel_action: list[torch.Tensor] | None = None  # n sampled (H_i, W_i) bool masks (loop 2, pixel action on)
+    pixel_temperature: list[float] | None = None  # the temperature each mask was sampled with
     has_seg: torch.Tensor | None = None  # (n,) bool
 
 
@@ -832,7 +834,11 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         if not self.args.mask_pixel_action:
             return out.numpy_masks()
         generators = self._sample_generators(loop.positions, "mask_pixels", mu.device)
-        masks = sample_pixel_action(out.mask_logits, self.args.mask_pixel_temperature, generator=generators)
+        temperature = self.args.mask_pixel_temperature
+        if self.args.mask_pixel_temperature_relative:
+            temperature = relative_pixel_temperatures(out.mask_logits, temperature)
+        loop.pixel_temperature = temperature if isinstance(temperature, list) else [temperature] * len(out.mask_logits)
+        masks = sample_pixel_action(out.mask_logits, temperature, generator=generators)
         masks = [m & bool(seg) for m, seg in zip(masks, rollout.has_seg.tolist())]
         loop.pixel_action = [m.cpu() for m in masks]
         self._metrics[mode]["mask_action/pixel_flip_frac"].append(flip_fraction(out.mask_logits, masks))
@@ -1110,7 +1116,8 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
             # The decoder sees the prompt the sample was decoded from (mu itself without the prompt action).
             masks = self.policy.decode_masks(loop.batch.select(local), prompt.to(out.seg_hidden.dtype), has_seg=has_seg)
             actions = [loop.pixel_action[j] for j in local]
-            log_density = log_density + pixel_action_logprob(masks.mask_logits, actions, self.args.mask_pixel_temperature)
+            temperatures = [loop.pixel_temperature[j] for j in local]
+            log_density = log_density + pixel_action_logprob(masks.mask_logits, actions, temperatures)
         is_seg = completion_ids == self.seg_token_id
         seg_pos = is_seg.float().argmax(dim=1)  # first [SEG]
         has_seg = has_seg & is_seg.any(dim=1)

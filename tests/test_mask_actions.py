@@ -10,6 +10,7 @@ from sa2va_trl.mask_actions import (
     flip_fraction,
     pixel_action_logprob,
     prompt_action_logprob,
+    relative_pixel_temperatures,
     sample_pixel_action,
     sample_prompt_action,
 )
@@ -85,3 +86,22 @@ def test_pixel_action_with_one_generator_per_map_is_reproducible_per_map():
     assert torch.equal(both[1], alone[0]) and not torch.equal(both[0], both[1])
     with pytest.raises(ValueError, match="1 generators for 2"):
         sample_pixel_action(logits, 1.0, generator=[seeded(1)])
+
+
+def test_relative_pixel_temperature_makes_the_samples_blind_to_the_logit_scale():
+    logits = torch.randn(16, 16) * 3
+    temperatures = [relative_pixel_temperatures([k * logits], 0.1)[0] for k in (1.0, 10.0)]
+    assert temperatures[0] == pytest.approx(0.1 * logits.abs().mean().item())
+    assert temperatures[1] == pytest.approx(10 * temperatures[0])
+    # scaling the logits up (the fixed-temperature shortcut to fewer flips) no longer changes what is sampled
+    draws = [sample_pixel_action([k * logits], t, generator=torch.Generator().manual_seed(4))[0]
+             for k, t in zip((1.0, 10.0), temperatures)]
+    assert torch.equal(draws[0], draws[1])
+    fixed = [sample_pixel_action([k * logits], 1.0, generator=torch.Generator().manual_seed(4))[0] for k in (1.0, 10.0)]
+    assert flip_fraction([10 * logits], [fixed[1]]) < flip_fraction([logits], [fixed[0]])
+    # one temperature per map, in sampling and in the log-probability
+    maps, masks = [logits, 2 * logits], [draws[0], draws[0]]
+    per_map = pixel_action_logprob(maps, masks, [1.0, 2.0])
+    torch.testing.assert_close(per_map, pixel_action_logprob(maps[:1], masks[:1], 1.0).repeat(2))
+    with pytest.raises(ValueError, match="1 temperatures for 2"):
+        sample_pixel_action(maps, [1.0])

@@ -445,6 +445,39 @@ def test_pixel_action_log_probability_reaches_the_mask_decoder(tmp_path):
     assert hidden_grad.grad is not None and hidden_grad.grad.abs().sum() > 0  # and, through mu, the [SEG] state
 
 
+def test_relative_pixel_temperature_is_kept_per_sample_and_used_by_the_training_forward(tmp_path):
+    from sa2va_trl.mask_actions import pixel_action_logprob
+    from sa2va_trl.models.adapter import Rollout
+    from sa2va_trl.trainer import _LoopRollout
+
+    import transformers
+
+    from sa2va_trl.models.modeling_sa2va import Sa2VAModel
+    from sa2va_trl.sft import tiny_warm_start_path
+
+    warm = str(tiny_warm_start_path())  # the random tiny decoder's logits are ~1e-5, below the scale's floor
+    trainer = make_trainer(tmp_path, mask_action=False, mask_pixel_action=True, mask_pixel_temperature=0.1,
+                           mask_pixel_temperature_relative=True,
+                           model_and_tokenizer=(Sa2VAModel.from_pretrained(warm),
+                                                transformers.AutoTokenizer.from_pretrained(warm)))
+    row = shapes_dataset(1, seed=0)[0]
+    batch = trainer.policy.segmentation_prompts([row["img"]], [row["caption"]]).repeat(2)
+    hidden = torch.randn(2, trainer.model.config.llm_config.hidden_size)  # two [SEG] states, two logit scales
+    rollout = Rollout(batch=batch, completion_ids=None, completion_mask=None, logprobs=None, seg_hidden=hidden,
+                      has_seg=torch.ones(2, dtype=torch.bool), is_truncated=None, completions=[""] * 2,
+                      num_generations=2)
+    loop = _LoopRollout(batch=batch, positions=[0, 1])
+    with torch.no_grad():
+        trainer._decode_loop2_masks(rollout, loop)
+        decoded = trainer.policy.decode_masks(batch, trainer.policy.seg_embeddings(hidden))
+    expected = [0.1 * logits.abs().mean().item() for logits in decoded.mask_logits]
+    assert loop.pixel_temperature == pytest.approx(expected) and expected[0] != pytest.approx(expected[1])
+    seg = trainer.seg_token_id
+    out = type("Out", (), {"seg_hidden": hidden})()
+    logps = trainer._add_mask_action_logdensity(torch.zeros(2, 2), out, loop, [0, 1], torch.tensor([[seg, 5]] * 2))
+    torch.testing.assert_close(logps[:, 0], pixel_action_logprob(decoded.mask_logits, loop.pixel_action, expected))
+
+
 def test_frozen_encoders_run_once_per_unique_image_per_step(tmp_path):
     """Rollouts, the reverse model (EMA swapped in), the training and reference forwards share one encoding."""
     from sa2va_trl.rewards.registry import get_reward
