@@ -152,7 +152,7 @@ def load_policy(path: str):
 
     Args:
         path: a native Sa2VA checkpoint directory (model + tokenizer files), a PEFT adapter
-            directory, or ``builtin:tiny``.
+            directory, ``builtin:tiny-warm`` (the shipped warm start) or ``builtin:tiny``.
 
     Returns:
         The policy, in eval mode.
@@ -164,9 +164,13 @@ def load_policy(path: str):
 
         model, tokenizer = build_tiny_model()
         return Sa2VAPolicy(model, tokenizer)
+    if path == "builtin:tiny-warm":
+        from .sft import tiny_warm_start_path
+
+        path = str(tiny_warm_start_path())
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path!r}: not a checkpoint directory (a native Sa2VA checkpoint saved by "
-                                "this package, a LoRA adapter directory, or builtin:tiny)")
+                                "this package, a LoRA adapter directory, builtin:tiny-warm or builtin:tiny)")
     adapter_config = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(adapter_config):
         return Sa2VAPolicy.from_pretrained(path)
@@ -332,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sa2va_trl.evaluate",
                                      description="Score a Sa2VA checkpoint on referring segmentation and "
                                                  "region captioning.")
-    parser.add_argument("--model", required=True, help="checkpoint directory (or builtin:tiny)")
+    parser.add_argument("--model", required=True, help="checkpoint directory, builtin:tiny-warm or builtin:tiny")
     parser.add_argument("--data", required=True, help="data directory / file / Hub id, or a recipe YAML")
     parser.add_argument("--split", default=None,
                         help="split to score (default: the recipe's dataset_test_split, else test)")

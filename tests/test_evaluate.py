@@ -197,6 +197,18 @@ def test_cli_end_to_end_on_a_saved_tiny_model(tmp_path):
     assert saved["captioning"]["count"] == 4
 
 
+def test_load_policy_reads_the_shipped_warm_start_by_its_builtin_name():
+    import torch
+
+    from sa2va_trl.evaluate import load_policy
+    from sa2va_trl.models import Sa2VAPolicy
+    from sa2va_trl.sft import tiny_warm_start_path
+
+    by_name = load_policy("builtin:tiny-warm").core.state_dict()
+    by_path = Sa2VAPolicy.from_pretrained(tiny_warm_start_path()).core.state_dict()
+    assert set(by_name) == set(by_path) and all(torch.equal(by_name[k], by_path[k]) for k in by_path)
+
+
 @pytest.mark.slow
 def test_load_policy_merges_a_lora_adapter_onto_its_base(tmp_path):
     import torch
