@@ -182,3 +182,18 @@ def test_paired_predictions_counts_fixed_and_broken_regions(tmp_path):
     assert (result["shape"]["fixed"], result["shape"]["broken"]) == (0, 1)
     assert (result["iou"]["up"], result["iou"]["down"]) == (2, 0)
     assert abs(result["iou"]["multi_shape_mean_change"] - (0.0 + 0.3 + 0.1) / 3) < 1e-9
+
+
+def test_mask_iou_headroom_ceiling_and_buckets():
+    from mask_iou_headroom import iou_buckets, upsampled_mask_ceiling
+
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, 8:40, 16:48] = True  # a large square
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    masks[1] = (yy - 30) ** 2 + (xx - 33) ** 2 <= 5**2  # a small disc
+    assert upsampled_mask_ceiling(masks, low_res=16, steps=300).min() > 0.99  # 1/4 resolution draws both
+    coarse = upsampled_mask_ceiling(masks, low_res=4, steps=300)  # 1/16: the disc falls between the samples
+    assert coarse[0] > 0.9
+    assert coarse[1] < 0.5
+    assert iou_buckets([0.1, 0.85, 0.93, 0.97, 1.0]) == {
+        "0.00-0.50": 1, "0.50-0.80": 0, "0.80-0.90": 1, "0.90-0.95": 1, "0.95-1.00": 2}
