@@ -9,7 +9,7 @@ Two figures behind the README's "loop-2 IoU does not move":
   IoU below 0.5 is a wrong or missing object, a policy-gradient signal a caption can carry; above 0.8 is a
   boundary error, which a cycle METEOR reward cannot see.
 
-    python benchmarks/mask_iou_headroom.py --data DIR --split test --predictions warm.pred.jsonl
+    python benchmarks/mask_iou_headroom.py --data DIR --split test --predictions warm=warm.pred.jsonl
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from paired_predictions import load_predictions
 from sa2va_trl.data.loaders import load_rows
 from sa2va_trl.data.schema import decode_region_mask
+from sa2va_trl.rewards.masks import batch_iou
 
 IOU_BUCKETS = ((0.0, 0.5), (0.5, 0.8), (0.8, 0.9), (0.9, 0.95), (0.95, 1.0001))
 
@@ -47,9 +49,7 @@ def upsampled_mask_ceiling(masks: torch.Tensor, low_res: int, steps: int = 600, 
         optimizer.step()
     with torch.no_grad():
         pred = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] > 0
-        inter = (pred & masks).sum((1, 2)).float()
-        union = (pred | masks).sum((1, 2)).float().clamp_min(1)
-    return inter / union
+    return torch.tensor(batch_iou(list(pred.numpy()), list(masks.numpy())))
 
 
 def iou_buckets(ious: list[float]) -> dict[str, int]:
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-regions", type=int, default=600)
     parser.add_argument("--low-res", type=int, default=32, help="the decoder's output side (image side / 4 in SAM2)")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--predictions", nargs="*", default=[], help="evaluate --predictions files to bucket")
+    parser.add_argument("--predictions", nargs="*", default=[], metavar="LABEL=FILE",
+                        help="evaluate --predictions files to bucket, each under its label")
     parser.add_argument("--output", help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
@@ -75,18 +76,19 @@ def main(argv: list[str] | None = None) -> dict:
     rows = rows.select(range(min(args.max_regions, len(rows))))
     masks = torch.from_numpy(np.stack([decode_region_mask(r) for r in rows]).astype(bool))
     ceiling = upsampled_mask_ceiling(masks, args.low_res, steps=args.steps)
-    result: dict = {"regions": len(rows), "low_res": args.low_res,
+    result: dict = {"data": args.data, "split": args.split, "regions": len(rows), "low_res": args.low_res,
                     "ceiling_mean_iou": float(ceiling.mean()), "ceiling_min_iou": float(ceiling.min())}
     print(f"{len(rows)} regions: best {args.low_res}x{args.low_res} map upsampled to {tuple(masks.shape[-2:])}: "
           f"mean IoU {result['ceiling_mean_iou']:.4f}, min {result['ceiling_min_iou']:.4f}")
-    for path in args.predictions:
-        with open(path) as f:
-            ious = [d["iou"] for d in map(json.loads, f) if d and d.get("iou") is not None]
+    for spec in args.predictions:
+        label, _, path = spec.rpartition("=")
+        label = label or path
+        ious = [d["iou"] for d in load_predictions(path).values() if d.get("iou") is not None]
         buckets = iou_buckets(ious)
-        result[path] = {"regions": len(ious), "mean_iou": float(np.mean(ious)) if ious else None,
-                        "min_iou": min(ious) if ious else None, "buckets": buckets}
-        print(f"{path}: {len(ious)} regions, mean IoU {result[path]['mean_iou']:.4f}, min {result[path]['min_iou']:.4f}, "
-              f"by IoU {buckets}")
+        result[label] = {"file": path, "regions": len(ious), "mean_iou": float(np.mean(ious)) if ious else None,
+                         "min_iou": min(ious) if ious else None, "buckets": buckets}
+        print(f"{label}: {len(ious)} regions, mean IoU {result[label]['mean_iou']:.4f}, "
+              f"min {result[label]['min_iou']:.4f}, by IoU {buckets}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)

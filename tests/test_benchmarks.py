@@ -197,3 +197,20 @@ def test_mask_iou_headroom_ceiling_and_buckets():
     assert coarse[1] < 0.5
     assert iou_buckets([0.1, 0.85, 0.93, 0.97, 1.0]) == {
         "0.00-0.50": 1, "0.50-0.80": 0, "0.80-0.90": 1, "0.90-0.95": 1, "0.95-1.00": 2}
+
+
+def test_mask_iou_headroom_main_labels_each_predictions_file(tmp_path):
+    from mask_iou_headroom import main
+
+    from sa2va_trl.data.synthetic import write_shapes_world
+
+    write_shapes_world(str(tmp_path / "world"), n_train=1, n_validation=1, n_test=2)
+    lines = [{"source_id": "a", "region_index": 0, "iou": 0.3}, {"source_id": "a", "region_index": 1, "iou": 0.97},
+             {"source_id": "b", "region_index": 0, "iou": None}]
+    (tmp_path / "warm.pred.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
+    result = main(["--data", str(tmp_path / "world"), "--steps", "50", "--output", str(tmp_path / "out.json"),
+                   "--predictions", f"warm={tmp_path / 'warm.pred.jsonl'}"])
+    assert result["split"] == "test" and result["regions"] >= 2 and 0.5 < result["ceiling_mean_iou"] <= 1.0
+    assert result["warm"]["regions"] == 2  # the unscored region is left out
+    assert result["warm"]["buckets"]["0.00-0.50"] == 1 and result["warm"]["buckets"]["0.95-1.00"] == 1
+    assert json.loads((tmp_path / "out.json").read_text()) == result
