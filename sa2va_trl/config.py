@@ -152,6 +152,16 @@ class Sa2VAGRPOConfig(GRPOConfig):
         },
     )
 
+    # Optimizer
+    text_hidden_fcs_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of `text_hidden_fcs` (its own optimizer group; the scheduler shapes it like "
+            "`learning_rate`). Unset: `learning_rate`. A fast projection beside a slow LLM lets loop 2 fix which "
+            "object `[SEG]` points at without moving the captions (measured: docs/tiny_world_experiments.md)."
+        },
+    )
+
     # Stochastic mask action (loop 2)
     mask_action: bool = field(
         default=True,
@@ -304,6 +314,9 @@ class Sa2VAGRPOConfig(GRPOConfig):
             raise ValueError(f"`sample_overlay_steps` must be >= 0 (0 disables), got {self.sample_overlay_steps}.")
         if self.beta < 0:
             raise ValueError(f"`beta` must be >= 0, got {self.beta}.")
+        lr = self.text_hidden_fcs_learning_rate
+        if lr is not None and not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"`text_hidden_fcs_learning_rate` must be a finite number >= 0, got {lr}.")
         if self.mask_action and not (self.mask_action_sigma > 0 and math.isfinite(self.mask_action_sigma)):
             raise ValueError(
                 f"`mask_action_sigma` must be > 0 with `mask_action` on, got {self.mask_action_sigma}; or set "

@@ -35,6 +35,7 @@ from trl import GRPOTrainer
 from sa2va_trl.checkpointing import CheckpointingMixin
 from sa2va_trl.config import CAPTION_TO_MASK, LOOPS, MASK_TO_CAPTION, Sa2VAGRPOConfig
 from sa2va_trl.ema import EMACallback
+from sa2va_trl.optim import module_parameter_ids, split_param_groups
 from sa2va_trl.mask_actions import (
     flip_fraction,
     pixel_action_logprob,
@@ -451,7 +452,8 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
       only its fixed VLM keyword arguments).
 
     Also replaced: transformers' `evaluate` (segmentation / captioning metrics, see its docstring) and TRL's
-    `create_model_card` (this package's card, `sa2va_trl.model_card`: loops, rewards, EMA, evaluation table).
+    `create_model_card` (this package's card, `sa2va_trl.model_card`: loops, rewards, EMA, evaluation table); and
+    extended: transformers' `create_optimizer` (`text_hidden_fcs` in groups of its own rate, `sa2va_trl.optim`).
     Checkpoints come from `sa2va_trl.checkpointing.CheckpointingMixin`: complete or ignored on resume (a completion
     marker written last), the EMA files inside before the Hub push, exact data order on resume in any epoch.
 
@@ -558,6 +560,24 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         self._forward_loops = tuple(loop for loop in LOOPS if loop in present)
 
     # --- setup helpers ----------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with `text_hidden_fcs` in groups of its own when `text_hidden_fcs_learning_rate`
+        is set (also the optimizer DeepSpeed wraps: its config names no optimizer)."""
+        optimizer = super().create_optimizer(model)
+        lr = self.args.text_hidden_fcs_learning_rate
+        inner = getattr(optimizer, "optimizer", optimizer)
+        done = any(group.get("name") == "text_hidden_fcs" for group in inner.param_groups)
+        if lr is not None and lr != self.args.learning_rate and not done:
+            ids = module_parameter_ids(self.model if model is None else model, "text_hidden_fcs")
+            moved = split_param_groups(inner, ids, lr, tag="text_hidden_fcs")
+            logger.info("text_hidden_fcs: %d parameter tensors at peak lr %g (the rest at %g)",
+                        moved, lr, self.args.learning_rate)
+            if not moved:
+                logger.warning("text_hidden_fcs_learning_rate is set but no trainable text_hidden_fcs parameter was "
+                               "found (train_text_hidden_fcs: false?)")
+        return optimizer
+
 
     @property
     def zero3(self) -> bool:

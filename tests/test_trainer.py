@@ -652,3 +652,21 @@ def test_evaluation_keeps_the_generation_features_and_runs_inside_one_gather(tmp
     metrics = trainer.evaluate(shapes_dataset(2, seed=0, split="validation"))
     assert "eval_mean_iou" in metrics and entered == [True]
     assert set(trainer.policy._feature_cache) == cached
+
+
+def test_text_hidden_fcs_learning_rate_trains_the_projection_in_its_own_group(tmp_path):
+    # learning_rate 0 with its own rate for text_hidden_fcs: only the projection may move (weight decay is 0).
+    trainer = make_trainer(tmp_path, learning_rate=0.0, text_hidden_fcs_learning_rate=1e-2, beta=0.0,
+                           lr_scheduler_type="constant")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    groups = [g for g in trainer.optimizer.param_groups if g.get("name") == "text_hidden_fcs"]
+    assert groups and all(g["lr"] == 1e-2 for g in groups)
+    changed = {n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)}
+    assert changed and all(n.startswith("text_hidden_fcs.") for n in changed), sorted(changed)
+    assert {n for n in before if n.startswith("text_hidden_fcs.")} == changed
+
+
+def test_text_hidden_fcs_learning_rate_must_be_a_number():
+    with pytest.raises(ValueError, match="text_hidden_fcs_learning_rate"):
+        Sa2VAGRPOConfig(output_dir="/tmp/x", use_cpu=True, text_hidden_fcs_learning_rate=float("nan"))
