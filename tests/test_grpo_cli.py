@@ -162,3 +162,15 @@ def test_a_trained_mask_decoder_without_the_pixel_action_is_warned_about(tmp_pat
     assert not warn_untrained_mask_decoder(script_args, training_args)
     script_args, training_args, _ = parsed("--mask_pixel_action", "false", "--train_mask_decoder", "false")
     assert not warn_untrained_mask_decoder(script_args, training_args)
+
+
+def test_grounding_recipe_differs_from_the_demo_only_where_documented(tmp_path):
+    """recipes/demo_grounding.yaml is the demo with a fast [SEG] projection, more prompts, a narrower action."""
+    _, demo, _ = parse_args([DEMO, "--output_dir", str(tmp_path)])
+    _, grounding, model = parse_args([str(ROOT / "recipes" / "demo_grounding.yaml"), "--output_dir", str(tmp_path)])
+    assert model.model_name_or_path == "outputs/sft_lagging_grounding"
+    assert grounding.text_hidden_fcs_learning_rate == 3e-4 and grounding.learning_rate == 1e-5
+    assert demo.text_hidden_fcs_learning_rate is None
+    assert grounding.per_device_train_batch_size == 4 * demo.per_device_train_batch_size
+    assert (grounding.loops, grounding.beta, grounding.ema_decay) == (demo.loops, demo.beta, demo.ema_decay)
+    assert grounding.mask_action_sigma == 0.3 and grounding.max_steps == 150

@@ -88,6 +88,9 @@ def test_shipped_recipes_parse():
     gpu = sft.parse_args(["recipes/sft.yaml"])
     assert (gpu.finetune, gpu.lora_r, gpu.lora_alpha) == ("lora", 128, 256)
     assert not gpu.train_vision_model and gpu.train_mlp1 and gpu.train_text_hidden_fcs and gpu.train_mask_decoder
+    lagging = sft.parse_args(["recipes/demo_sft_lagging_grounding.yaml"])
+    assert lagging.model_name_or_path == "outputs/sft_300" and lagging.sam2_pretrain_steps == 0
+    assert not (lagging.train_text_hidden_fcs or lagging.train_mask_decoder) and lagging.task_list == ["caption", "segmentation"]
 
 
 # ----------------------------------------------------------------------------- SFT steps
