@@ -10,6 +10,9 @@ when idle, about twice that when other jobs share them):
 - ZeRO-2 (accelerate_configs/cpu_zero2.yaml), through the same script;
 - the reference: the same recipe in this process, 24 rows per step.
 
+Every run gives `text_hidden_fcs` its own learning rate (10x), so the comparisons also check that its optimizer
+group survives DeepSpeed.
+
 The DDP helper test at the end spawns its own two gloo processes.
 """
 
@@ -136,6 +139,7 @@ def test_zero3_steps_match_a_single_process_run_with_the_same_global_batch(zero3
     # The case the training forward must handle: a step where one rank lacks a loop the other rank has.
     assert any(a[0] == b[0] and a[1] != b[1] for a, b in zip(r0["forward_loops"], r1["forward_loops"]))
     assert len(r0["forward_loops"]) == len(r1["forward_loops"]) == grpo_run.STEPS
+    assert r0["param_group_lrs"] == reference["param_group_lrs"] == [1e-5, 1e-4]  # the projection's own group
     assert_steps_match(r0["log_history"], reference)
     assert_weights_match(zero3_dir, reference)
 
@@ -184,7 +188,8 @@ def test_zero3_documented_command_completes_and_equals_the_partitioned_run(tmp_p
     --max_steps 3`: the default persistence threshold keeps the tiny model's tensors whole on each rank."""
     out = tmp_path / "run"
     launch("cpu_zero3.yaml", "-m", "sa2va_trl.grpo", "recipes/demo.yaml", "--max_steps", "3", "--output_dir", str(out),
-           "--report_to", "none", "--per_sample_seeds", "true", "--seed", str(grpo_run.SEED), "--save_strategy", "no")
+           "--report_to", "none", "--per_sample_seeds", "true", "--seed", str(grpo_run.SEED), "--save_strategy", "no",
+           "--text_hidden_fcs_learning_rate", "1e-4")
     state = json.loads((out / "trainer_state.json").read_text())
     assert_steps_match(state["log_history"], reference)  # two processes, 12 rows each
     from sa2va_trl.models.adapter import Sa2VAPolicy
@@ -202,6 +207,7 @@ def test_zero2_ranks_train_identical_weights_matching_a_single_process_run(zero2
     r0, r1 = reports(zero2_dir)
     assert r0["world"] == 2 and r0["zero_stage"] == 2 and not r0["zero3"]
     assert r0["weight_sum"] == r1["weight_sum"]  # gradients were synchronised: same weights on both ranks
+    assert r0["param_group_lrs"] == reference["param_group_lrs"] == [1e-5, 1e-4]  # the projection's own group
     assert_steps_match(r0["log_history"], reference)
     assert_weights_match(zero2_dir, reference)
 

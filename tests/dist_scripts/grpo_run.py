@@ -37,6 +37,7 @@ SEED = 13
 RECIPE_FLAGS = [
     "recipes/demo.yaml", "--max_steps", str(STEPS), "--seed", str(SEED), "--per_sample_seeds", "true",
     "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--sample_overlay_steps", "0",
+    "--text_hidden_fcs_learning_rate", "1e-4",  # the projection's own optimizer group must survive DeepSpeed
 ]  # fmt: skip
 # Evaluation inside training, at the last step (and, through `do_eval`, once more after saving).
 EVAL_FLAGS = ["--eval_strategy", "steps", "--eval_steps", str(STEPS)]
@@ -128,6 +129,7 @@ def report(trainer, output_dir: str) -> dict:
         "forward_loops": FORWARD_LOOPS,
         "params": params,
         "weight_sum": sum(float(t.double().sum()) for t in gathered.values()),
+        "param_group_lrs": sorted({float(g["lr"]) for g in trainer.optimizer.param_groups}),
         **reverse,
     }
     with open(os.path.join(output_dir, f"report_rank{rank}.json"), "w") as f:
