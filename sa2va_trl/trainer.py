@@ -1025,6 +1025,11 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
     def _compute_loss(self, model, inputs):
         """TRL's, with the micro-batch's sample positions made known to the log-prob method."""
         self._active_samples = inputs[SAMPLE_INDEX_KEY]
+        if self.model.training and self.optimizer is not None:
+            # TRL logs the first group's rate only; the projection's own group (`text_hidden_fcs_learning_rate`) too.
+            lrs = [g["lr"] for g in self.optimizer.param_groups if g.get("name") == "text_hidden_fcs"]
+            if lrs:
+                self._metrics["train"]["learning_rate/text_hidden_fcs"].append(float(lrs[0]))
         try:
             return super()._compute_loss(model, inputs)
         finally:

@@ -665,6 +665,9 @@ def test_text_hidden_fcs_learning_rate_trains_the_projection_in_its_own_group(tm
     changed = {n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)}
     assert changed and all(n.startswith("text_hidden_fcs.") for n in changed), sorted(changed)
     assert {n for n in before if n.startswith("text_hidden_fcs.")} == changed
+    logged = [entry["learning_rate/text_hidden_fcs"] for entry in trainer.state.log_history
+              if "learning_rate/text_hidden_fcs" in entry]
+    assert logged == [pytest.approx(1e-2)] * 2  # one per logged step (logging_steps 1, max_steps 2)
 
 
 def test_text_hidden_fcs_learning_rate_must_be_a_number():
