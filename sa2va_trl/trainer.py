@@ -578,7 +578,6 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
                                "found (train_text_hidden_fcs: false?)")
         return optimizer
 
-
     @property
     def zero3(self) -> bool:
         """Whether DeepSpeed ZeRO-3 partitions the model (every submodule call is then a collective)."""

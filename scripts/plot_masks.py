@@ -68,13 +68,14 @@ def main(argv: list[str] | None = None) -> list[int]:
     fig, axes = plt.subplots(len(picked), 3, figsize=(7.5, 2.6 * len(picked)), squeeze=False)
     for line, r in zip(axes, picked):
         row = rows[r]
-        image = np.asarray(row[IMG].convert("RGB"))
+        rgb = row[IMG].convert("RGB")
+        image = np.asarray(rgb)
         truth = decode_region_mask(row)
         line[0].imshow(image)
         line[0].contour(truth, levels=[0.5], colors="white", linewidths=1.2)
         line[0].set_title(f'"{row[CAPTION]}"', fontsize=7)
         for ax, (label, policy) in zip(line[1:], models):
-            mask = policy.segment([row[IMG].convert("RGB")], [row[CAPTION]])[0]
+            mask = policy.segment([rgb], [row[CAPTION]])[0]
             ax.imshow(_overlay(image, mask, (255, 0, 255)))
             ax.contour(truth, levels=[0.5], colors="white", linewidths=0.8)
             ax.set_title(f"{label}: IoU {mask_iou(mask, truth):.2f}", fontsize=8)
