@@ -140,6 +140,7 @@ def test_zero3_steps_match_a_single_process_run_with_the_same_global_batch(zero3
     assert any(a[0] == b[0] and a[1] != b[1] for a, b in zip(r0["forward_loops"], r1["forward_loops"]))
     assert len(r0["forward_loops"]) == len(r1["forward_loops"]) == grpo_run.STEPS
     assert r0["param_group_lrs"] == reference["param_group_lrs"] == [1e-5, 1e-4]  # the projection's own group
+    assert any(entry.get("learning_rate/text_hidden_fcs") == 1e-4 for entry in r0["log_history"])  # and its log
     assert_steps_match(r0["log_history"], reference)
     assert_weights_match(zero3_dir, reference)
 
@@ -208,6 +209,7 @@ def test_zero2_ranks_train_identical_weights_matching_a_single_process_run(zero2
     assert r0["world"] == 2 and r0["zero_stage"] == 2 and not r0["zero3"]
     assert r0["weight_sum"] == r1["weight_sum"]  # gradients were synchronised: same weights on both ranks
     assert r0["param_group_lrs"] == reference["param_group_lrs"] == [1e-5, 1e-4]  # the projection's own group
+    assert any(entry.get("learning_rate/text_hidden_fcs") == 1e-4 for entry in r0["log_history"])  # and its log
     assert_steps_match(r0["log_history"], reference)
     assert_weights_match(zero2_dir, reference)
 
