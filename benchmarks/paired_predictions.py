@@ -2,7 +2,10 @@
 
 Both files are `python -m sa2va_trl.evaluate --predictions FILE` outputs on the same data. On the shapes world it
 reports caption exact match and each attribute as (fixed, broken, p) against the baseline, and for IoU how many
-regions went up and down (sign test) and the mean change on multi-shape images.
+regions went up and down (sign test) and the mean change on multi-shape images. When both files hold the
+`caption_likelihood` task's log-probs, it also reports the mean change in the probability of the reference caption
+(and of each attribute's words) with a paired test over images: regions of one image are not independent, so each
+image's mean change is one observation (z = mean / standard error, normal two-sided p).
 
     python benchmarks/paired_predictions.py warm.pred.jsonl run_seed0.pred.jsonl run_seed1.pred.jsonl
 """
@@ -70,7 +73,36 @@ def compare(baseline: dict[tuple, dict], model: dict[tuple, dict]) -> dict:
                       "baseline_mean": sum(baseline[k]["iou"] for k in scored) / len(scored),
                       "up": up, "down": down, "p": exact_binomial_p(up, down),
                       "multi_shape_mean_change": sum(multi) / len(multi) if multi else 0.0}
+    likely = sorted(k for k in set(baseline) & set(model)
+                    if "caption_logprob" in baseline[k] and "caption_logprob" in model[k])
+    if likely:
+        out["caption_prob"] = _paired_probability(
+            [(k[0], baseline[k]["caption_logprob"], model[k]["caption_logprob"]) for k in likely])
+        names = [n for n in ATTRIBUTES if all(n in (baseline[k].get("attribute_logprobs") or {})
+                                              and n in (model[k].get("attribute_logprobs") or {}) for k in likely)]
+        for name in names:
+            out[f"p_{name}"] = _paired_probability(
+                [(k[0], baseline[k]["attribute_logprobs"][name], model[k]["attribute_logprobs"][name]) for k in likely])
     return out
+
+
+def _paired_probability(rows: list[tuple[str, float, float]]) -> dict:
+    """Mean probability before / after and an image-clustered paired z-test of the change.
+
+    Args:
+        rows: (image id, baseline log-prob, model log-prob) per region.
+    """
+    by_image: dict[str, list[float]] = {}
+    for image, before, after in rows:
+        by_image.setdefault(image, []).append(math.exp(after) - math.exp(before))
+    means = [sum(d) / len(d) for d in by_image.values()]
+    n = len(means)
+    mean = sum(means) / n
+    var = sum((m - mean) ** 2 for m in means) / (n - 1) if n > 1 else 0.0
+    z = mean / math.sqrt(var / n) if var > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    return {"mean": sum(math.exp(r[2]) for r in rows) / len(rows),
+            "baseline_mean": sum(math.exp(r[1]) for r in rows) / len(rows),
+            "images": n, "z": z, "p": math.erfc(abs(z) / math.sqrt(2))}
 
 
 def format_comparison(name: str, result: dict) -> str:
@@ -83,6 +115,11 @@ def format_comparison(name: str, result: dict) -> str:
         r = result["iou"]
         parts.append(f"IoU {r['mean']:.4f} vs {r['baseline_mean']:.4f} (up {r['up']} down {r['down']} p={r['p']:.3g}; "
                      f"multi-shape {r['multi_shape_mean_change']:+.4f})")
+    for key in ("caption_prob", *(f"p_{a}" for a in ATTRIBUTES)):
+        if key in result:
+            r = result[key]
+            parts.append(f"{key} {r['mean']:.4f} vs {r['baseline_mean']:.4f} "
+                         f"({r['mean'] - r['baseline_mean']:+.4f}, z={r['z']:+.1f} p={r['p']:.2g}, {r['images']} images)")
     return " | ".join(parts)
 
 

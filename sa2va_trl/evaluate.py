@@ -37,14 +37,15 @@ from tqdm.auto import tqdm
 from .data.loaders import FORMATS, detect_format, load_rows_with_stats
 from .data.schema import CAPTION, IMG, REGION_INDEX, REGION_MASK, SOURCE_ID, decode_region_mask, encode_mask
 from .metrics import (
-    attribute_metrics, caption_metrics, default_meteor, format_table, is_shapes_world, segmentation_metrics,
+    attribute_metrics, caption_likelihood_metrics, caption_metrics, default_meteor, format_table, is_shapes_world, segmentation_metrics,
 )
 
 logger = logging.getLogger(__name__)
 
 #: Rows loaded beyond --max-samples so the last image's region count is complete.
 _REGION_COUNT_SLACK = 256
-TASKS = ("segmentation", "captioning")
+TASKS = ("segmentation", "captioning", "caption_likelihood")
+DEFAULT_TASKS = ("segmentation", "captioning")
 
 
 # ----------------------------------------------------------------------------- data
@@ -210,7 +211,7 @@ def _call_rows(fn: Callable, images: list, inputs: list, row_ids: list[int], fai
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate_policy(policy, dataset, n_regions: Sequence[int] | None = None, batch_size: int = 8,
-                    tasks: Sequence[str] = TASKS, meteor: Callable | None | str = "default",
+                    tasks: Sequence[str] = DEFAULT_TASKS, meteor: Callable | None | str = "default",
                     max_new_tokens: int | None = None, progress: bool = True) -> dict:
     """Run the greedy adapter calls over the rows and score them.
 
@@ -219,15 +220,17 @@ def evaluate_policy(policy, dataset, n_regions: Sequence[int] | None = None, bat
         dataset: schema rows.
         n_regions: regions in each row's image (default: counted from ``source_id``).
         batch_size: rows per adapter call.
-        tasks: a subset of ("segmentation", "captioning").
+        tasks: a subset of ("segmentation", "captioning", "caption_likelihood"); the last scores the
+            teacher-forced probability of each reference caption (its canonical form on the shapes
+            world, with one probability per attribute) through ``policy.caption_logprobs``.
         meteor: ``fn(hypothesis, references)``; "default" = the project's METEOR (skipped with a warning
             when unavailable); None = no METEOR.
         max_new_tokens: generation budget passed to the adapter calls (None: the adapter's defaults).
         progress: show a progress bar.
 
     Returns:
-        ``{"num_samples", "num_images", "segmentation", "captioning", "attributes", "failed_rows",
-        "predictions"}`` (sections of tasks not run, or without captions to score, are None).
+        ``{"num_samples", "num_images", "segmentation", "captioning", "attributes", "caption_likelihood",
+        "failed_rows", "predictions"}`` (sections of tasks not run, or without captions to score, are None).
     """
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -240,6 +243,9 @@ def evaluate_policy(policy, dataset, n_regions: Sequence[int] | None = None, bat
     pred_masks: list[dict | None] = [None] * n
     gt_masks: list[dict | None] = [None] * n
     failures: dict[int, str] = {}
+    likelihood_targets = _likelihood_targets(references) if "caption_likelihood" in tasks else None
+    score_fn = _score_captions(policy) if likelihood_targets is not None else None
+    likelihoods: dict[int, dict] = {}
     caption_fn, segment_fn = policy.caption, policy.segment
     if max_new_tokens is not None:
         caption_fn = functools.partial(policy.caption, max_new_tokens=max_new_tokens)
@@ -262,11 +268,20 @@ def evaluate_policy(policy, dataset, n_regions: Sequence[int] | None = None, bat
                                      [ids[k] for k in keep], failures)
                 for k, mask in zip(keep, outputs):
                     pred_masks[ids[k]] = None if mask is None else encode_mask(np.asarray(mask, dtype=bool))
+        if likelihood_targets is not None:
+            keep = [k for k, i in enumerate(ids) if likelihood_targets[i] is not None]
+            if keep:
+                pairs = [(masks[k], likelihood_targets[ids[k]]) for k in keep]
+                scores = _call_rows(score_fn, [images[k] for k in keep], pairs,
+                                    [ids[k] for k in keep], failures)
+                for k, score in zip(keep, scores):
+                    if score is not None:
+                        likelihoods[ids[k]] = _likelihood_record(score, likelihood_targets[ids[k]])
         bar.update(len(ids))
     bar.close()
 
     result: dict[str, Any] = {"num_samples": n, "num_images": len(set(dataset[SOURCE_ID])),
-                              "segmentation": None, "captioning": None, "attributes": None,
+                              "segmentation": None, "captioning": None, "attributes": None, "caption_likelihood": None,
                               "failed_rows": {str(k): v for k, v in sorted(failures.items())}}
     scored = [i for i in range(n) if references[i]]
     if "segmentation" in tasks and scored:
@@ -284,15 +299,56 @@ def evaluate_policy(policy, dataset, n_regions: Sequence[int] | None = None, bat
                                     "empty_predictions": sum(not h.strip() for h in hyps)}
         if is_shapes_world(refs):
             result["attributes"] = attribute_metrics(hyps, refs)
+    if likelihoods:
+        rows = [likelihoods[i] for i in sorted(likelihoods)]
+        with_attributes = all("attribute_logprobs" in row for row in rows)
+        result["caption_likelihood"] = caption_likelihood_metrics(
+            [row["caption_logprob"] for row in rows], [row["caption_tokens"] for row in rows],
+            [row["attribute_logprobs"] for row in rows] if with_attributes else None)
+        result["caption_likelihood"]["scored"] = "canonical caption" if with_attributes else "reference caption"
     ious = dict(zip(scored, result["segmentation"].pop("ious"))) if result["segmentation"] else {}
     source_ids, region_indices = dataset[SOURCE_ID], dataset[REGION_INDEX]
     result["predictions"] = [
         {"row": i, SOURCE_ID: source_ids[i], REGION_INDEX: region_indices[i], "num_regions": counts[i],
          "caption": references[i], "pred_caption": pred_captions[i], "iou": ious.get(i),
-         "meteor": (meteors or {}).get(i)}
+         "meteor": (meteors or {}).get(i), **likelihoods.get(i, {})}
         for i in range(n)
     ]
     return result
+
+
+def _likelihood_targets(references: Sequence[str]) -> list:
+    """Per row, what the likelihood task scores: the canonical caption with its attribute spans on the
+    shapes world (the greedy captions are canonical there), else the reference caption as given."""
+    if is_shapes_world([r for r in references if r]):
+        from .data.synthetic import parse_caption
+
+        targets: list = []
+        for reference in references:
+            attributes = parse_caption(reference) if reference else None
+            targets.append(None if attributes is None else (attributes.canonical_caption(), attributes.canonical_spans()))
+        return targets
+    return [(reference, None) if reference else None for reference in references]
+
+
+def _score_captions(policy) -> Callable:
+    """`(images, [(mask, (caption, spans))]) -> CaptionScores`, the shape `_call_rows` expects."""
+    if not hasattr(policy, "caption_logprobs"):
+        raise ValueError(f"{type(policy).__name__} has no caption_logprobs(images, masks, captions): the "
+                         "caption_likelihood task needs the policy's token log-probs")
+
+    def score(images, pairs):
+        return policy.caption_logprobs(images, [mask for mask, _ in pairs], [target[0] for _, target in pairs])
+
+    return score
+
+
+def _likelihood_record(score, target) -> dict:
+    caption, spans = target
+    record = {"caption_logprob": score.total, "caption_tokens": len(score.logprobs)}
+    if spans is not None and score.spans is not None:
+        record["attribute_logprobs"] = {name: score.span_logprob(*span) for name, span in spans.items()}
+    return record
 
 
 def _batch_images(images: list, source_ids: list[str]) -> list:
@@ -346,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-samples", type=int, default=None, help="score the first N rows (regions)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per model call (default: 8)")
     parser.add_argument("--tasks", default="segmentation,captioning",
-                        help="comma-separated subset of segmentation,captioning")
+                        help="comma-separated subset of segmentation,captioning,caption_likelihood "
+                             "(teacher-forced probability of the reference caption; not run by default)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="generation budget per answer (default: the adapter's)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip bad rows (counted) instead of failing")

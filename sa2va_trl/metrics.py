@@ -15,10 +15,14 @@ Captioning (:func:`caption_metrics`)
 Synthetic shapes world (:func:`attribute_metrics`)
     parsed with the world's grammar parser: exact match (all four attributes right) and accuracy per
     attribute (shape, colour, size, position). METEOR saturates on templated captions; these do not.
+Caption likelihood (:func:`caption_likelihood_metrics`)
+    the teacher-forced probability of the reference caption: NLL per token, the mean probability of
+    the whole caption and, on the shapes world, of each attribute's words. Moves before greedy does.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -221,6 +225,50 @@ def attribute_metrics(predictions: Sequence[str], references: Sequence[str],
             "unparsed_predictions": unparsed}
 
 
+def caption_likelihood_metrics(total_logprobs: Sequence[float], token_counts: Sequence[int],
+                               attribute_logprobs: Sequence[dict] | None = None) -> dict:
+    """How much probability a policy gives the reference captions (teacher-forced, temperature 1).
+
+    Greedy metrics change only when a word's probability crosses its rival's; these move with every
+    update, so they show a policy drifting towards (or away from) the references before exact match does.
+
+    Args:
+        total_logprobs: per row, log p(reference caption + eos).
+        token_counts: per row, the tokens scored (eos included).
+        attribute_logprobs: per row, ``{attribute: log p(its words | the words before)}`` (shapes world).
+
+    Returns:
+        ``{"count", "nll_per_token", "caption_prob", "attribute_prob"}``: the corpus NLL per token, the mean
+        probability of the whole caption (the chance that one sample at T = 1 is exactly the reference)
+        and, per attribute, the mean probability of its words (None without attributes).
+
+    Example:
+        >>> m = caption_likelihood_metrics([math.log(0.5), math.log(0.25)], [2, 2],
+        ...                                [{"shape": math.log(0.5)}, {"shape": math.log(1.0)}])
+        >>> round(m["caption_prob"], 3), round(m["attribute_prob"]["shape"], 3), round(m["nll_per_token"], 3)
+        (0.375, 0.75, 0.52)
+    """
+    if len(total_logprobs) != len(token_counts):
+        raise ValueError(f"{len(total_logprobs)} log-probs for {len(token_counts)} token counts")
+    for index, value in enumerate(total_logprobs):
+        if not math.isfinite(value):
+            raise ValueError(f"row {index}, field 'caption_logprob': {value} is not finite")
+    n, tokens = len(total_logprobs), sum(token_counts)
+    result = {"count": n,
+              "nll_per_token": -float(sum(total_logprobs)) / tokens if tokens else float("nan"),
+              "caption_prob": float(np.mean(np.exp(total_logprobs))) if n else float("nan"),
+              "attribute_prob": None}
+    if attribute_logprobs is not None:
+        names = sorted({name for row in attribute_logprobs for name in row}, key=_attribute_order)
+        result["attribute_prob"] = {name: float(np.mean([math.exp(row[name]) for row in attribute_logprobs]))
+                                    for name in names}
+    return result
+
+
+def _attribute_order(name: str) -> tuple[int, str]:
+    return (ATTRIBUTES.index(name) if name in ATTRIBUTES else len(ATTRIBUTES), name)
+
+
 def is_shapes_world(references: Sequence[str], parse: Callable[[str], Any] | None = None) -> bool:
     """True when every reference parses to complete shapes-world attributes (and there is at least one)."""
     if parse is None:
@@ -235,8 +283,8 @@ def is_shapes_world(references: Sequence[str], parse: Callable[[str], Any] | Non
 
 
 def format_table(results: dict) -> str:
-    """A plain-text table of an evaluation result dict (the ``segmentation``, ``captioning`` and
-    ``attributes`` sections that are present).
+    """A plain-text table of an evaluation result dict (the ``segmentation``, ``captioning``,
+    ``attributes`` and ``caption_likelihood`` sections that are present).
 
     Args:
         results: as written by ``sa2va_trl.evaluate``.
@@ -267,4 +315,10 @@ def format_table(results: dict) -> str:
         add("captioning/exact_match", attrs["exact_match"], attrs["count"])
         for name, value in attrs["accuracy"].items():
             add(f"captioning/accuracy/{name}", value, attrs["count"])
+    likelihood = results.get("caption_likelihood")
+    if likelihood:
+        add("caption_likelihood/nll_per_token", likelihood["nll_per_token"], likelihood["count"])
+        add("caption_likelihood/caption_prob", likelihood["caption_prob"], likelihood["count"])
+        for name, value in (likelihood.get("attribute_prob") or {}).items():
+            add(f"caption_likelihood/p_{name}", value, likelihood["count"])
     return "\n".join(lines)

@@ -884,12 +884,14 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
 
         Replaces `transformers.Trainer.evaluate` (TRL's evaluation would report a GRPO loss on sampled completions,
         which says little about the model). Logged and returned as ``{prefix}_mean_iou``,
-        ``{prefix}_cumulative_iou``, ``{prefix}_precision@0.5``, ``{prefix}_meteor`` and, on the shapes world,
-        ``{prefix}_exact_match`` and ``{prefix}_accuracy/<attribute>``: any of them can be `metric_for_best_model`.
+        ``{prefix}_cumulative_iou``, ``{prefix}_precision@0.5``, ``{prefix}_meteor``, the reference captions'
+        teacher-forced ``{prefix}_caption_nll_per_token`` and ``{prefix}_caption_prob`` (they move before the greedy
+        caption changes) and, on the shapes world, ``{prefix}_exact_match``, ``{prefix}_accuracy/<attribute>`` and
+        ``{prefix}_caption_prob/<attribute>``: any of them can be `metric_for_best_model`.
         Every process evaluates the same rows; under ZeRO-3 inside one full gather (`full_parameters`), so the
         generations issue no collective. The frozen-encoder features of the current generation batch are kept.
         """
-        from sa2va_trl.evaluate import evaluate_policy
+        from sa2va_trl.evaluate import DEFAULT_TASKS, evaluate_policy
 
         rows = self._eval_rows if eval_dataset is None else eval_dataset
         if isinstance(rows, str):
@@ -901,7 +903,9 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         preserved = getattr(self.policy, "preserved_feature_cache", None)
         try:
             with self.full_parameters(), (preserved() if preserved is not None else contextlib.nullcontext()):
-                result = evaluate_policy(self.policy, rows, progress=False, max_new_tokens=self.max_completion_length)
+                tasks = (*DEFAULT_TASKS, "caption_likelihood") if hasattr(self.policy, "caption_logprobs") else DEFAULT_TASKS
+                result = evaluate_policy(self.policy, rows, tasks=tasks, progress=False,
+                                         max_new_tokens=self.max_completion_length)
         finally:
             self.model.train(was_training)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in flatten_eval_metrics(result).items()}
@@ -1198,7 +1202,8 @@ def _loop_reward_weights(args: Sa2VAGRPOConfig, reward_funcs: dict[str, list]) -
 
 def flatten_eval_metrics(result: dict) -> dict[str, float]:
     """The scalar scores of `evaluate_policy`'s result, flat: mean_iou, cumulative_iou, precision@0.5, meteor,
-    exact_match, accuracy/<attribute> (sections that did not run are left out)."""
+    exact_match, accuracy/<attribute>, caption_nll_per_token, caption_prob, caption_prob/<attribute> (sections
+    that did not run are left out)."""
     out: dict[str, float] = {}
     for key in ("mean_iou", "cumulative_iou", "precision@0.5"):
         value = (result.get("segmentation") or {}).get(key)
@@ -1212,6 +1217,12 @@ def flatten_eval_metrics(result: dict) -> dict[str, float]:
         out["exact_match"] = float(attributes["exact_match"])
     for name, value in (attributes.get("accuracy") or {}).items():
         out[f"accuracy/{name}"] = float(value)
+    likelihood = result.get("caption_likelihood") or {}
+    if likelihood:
+        out["caption_nll_per_token"] = float(likelihood["nll_per_token"])
+        out["caption_prob"] = float(likelihood["caption_prob"])
+        for name, value in (likelihood.get("attribute_prob") or {}).items():
+            out[f"caption_prob/{name}"] = float(value)
     return out
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -182,6 +183,26 @@ def test_paired_predictions_counts_fixed_and_broken_regions(tmp_path):
     assert (result["shape"]["fixed"], result["shape"]["broken"]) == (0, 1)
     assert (result["iou"]["up"], result["iou"]["down"]) == (2, 0)
     assert abs(result["iou"]["multi_shape_mean_change"] - (0.0 + 0.3 + 0.1) / 3) < 1e-9
+
+
+def test_paired_predictions_tests_caption_likelihood_over_images(tmp_path):
+    from paired_predictions import compare, format_comparison
+
+    def line(image, i, p_caption, p_shape):
+        return {"source_id": image, "region_index": i, "num_regions": 2, "caption": "x", "pred_caption": None,
+                "caption_logprob": math.log(p_caption), "attribute_logprobs": {"shape": math.log(p_shape)}}
+
+    # image a: +0.1 and +0.3 (mean +0.2); image b: +0.1; image c: 0.0 -> image means 0.2, 0.1, 0.0
+    base = [line("a", 0, 0.5, 0.5), line("a", 1, 0.2, 0.5), line("b", 0, 0.4, 0.5), line("c", 0, 0.6, 0.5)]
+    new = [line("a", 0, 0.6, 0.5), line("a", 1, 0.5, 0.5), line("b", 0, 0.5, 0.5), line("c", 0, 0.6, 0.5)]
+    key = lambda rows: {(r["source_id"], r["region_index"]): r for r in rows}
+    result = compare(key(base), key(new))
+    r = result["caption_prob"]
+    assert r["images"] == 3 and r["baseline_mean"] == pytest.approx(0.425) and r["mean"] == pytest.approx(0.55)
+    assert r["z"] == pytest.approx(0.1 / math.sqrt(0.01 / 3))  # image means 0.2, 0.1, 0.0: sd 0.1
+    assert r["p"] == pytest.approx(math.erfc(abs(r["z"]) / math.sqrt(2)))
+    assert result["p_shape"]["z"] == 0.0 and result["p_shape"]["p"] == 1.0  # unchanged
+    assert "exact_match" not in result and "caption_prob 0.5500 vs 0.4250 (+0.1250" in format_comparison("run", result)
 
 
 def test_mask_iou_headroom_ceiling_and_buckets():

@@ -6,6 +6,8 @@ random Sa2VA model and a tiny synthetic split.
 """
 
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import yaml
 
 from sa2va_trl import evaluate as evaluate_module
 from sa2va_trl.data import decode_region_mask
-from sa2va_trl.data.synthetic import shapes_dataset, write_shapes_world
+from sa2va_trl.data.synthetic import parse_caption, shapes_dataset, write_shapes_world
 from sa2va_trl.evaluate import evaluate_policy, load_eval_rows, main, region_counts
 
 
@@ -58,6 +60,26 @@ class FailingPolicy(OraclePolicy):
         if self.bad_caption in texts:
             raise ValueError(f"row 0, field 'texts': cannot segment {self.bad_caption!r}")
         return super().segment(images, texts)
+
+
+class WordLikelihoodPolicy(OraclePolicy):
+    """Scores captions word by word: every word has probability 0.9, the word "circle" 0.2, the eos 1."""
+
+    def __init__(self, rows):
+        super().__init__(rows)
+        self.scored = []
+
+    def caption_logprobs(self, images, region_masks, captions):
+        from sa2va_trl.models.adapter import CaptionScore
+
+        self.scored.extend(captions)
+        out = []
+        for text in captions:
+            words = list(re.finditer(r"\S+", text))
+            logprobs = [math.log(0.2 if w.group() == "circle" else 0.9) for w in words] + [0.0]
+            spans = [w.span() for w in words] + [(len(text), len(text))]
+            out.append(CaptionScore(token_ids=list(range(len(spans))), logprobs=logprobs, spans=spans))
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +133,43 @@ def test_a_failing_row_costs_only_itself(rows):
     assert all(ious[i] == 0.0 for i in bad_rows)
     assert all(iou == 1.0 for i, iou in enumerate(ious) if i not in bad_rows)
     assert result["segmentation"]["empty_predictions"] == len(bad_rows)
+
+
+def test_caption_likelihood_scores_canonical_captions_per_attribute(rows):
+    policy = WordLikelihoodPolicy(rows)
+    result = evaluate_policy(policy, rows, tasks=["caption_likelihood"], meteor=None, progress=False)
+    canonical = [parse_caption(c).canonical_caption() for c in rows["caption"]]
+    assert policy.scored == canonical  # paraphrases are scored in the canonical form the model writes
+    is_circle = np.array([parse_caption(c).shape == "circle" for c in rows["caption"]])
+    assert 0 < is_circle.sum() < len(rows)
+    likelihood = result["caption_likelihood"]
+    assert likelihood["count"] == len(rows) and likelihood["scored"] == "canonical caption"
+    assert likelihood["attribute_prob"]["shape"] == pytest.approx(np.mean(np.where(is_circle, 0.2, 0.9)))
+    centre = np.array([parse_caption(c).position == "center" for c in rows["caption"]])
+    assert likelihood["attribute_prob"]["position"] == pytest.approx(np.mean(np.where(centre, 0.9, 0.81)))  # 2 words
+    expected = np.mean([0.9 ** (len(c.split()) - 1) * (0.2 if f else 0.9) for c, f in zip(canonical, is_circle)])
+    assert likelihood["caption_prob"] == pytest.approx(expected)
+    assert result["captioning"] is None and result["segmentation"] is None
+    line = result["predictions"][0]
+    assert line["caption_tokens"] == len(canonical[0].split()) + 1
+    assert line["attribute_logprobs"]["colour"] == pytest.approx(math.log(0.9))
+
+
+def test_caption_likelihood_scores_free_text_references_as_given(rows):
+    free = rows.map(lambda row, i: {"caption": f"object number {i}"}, with_indices=True)
+    policy = WordLikelihoodPolicy(free)
+    result = evaluate_policy(policy, free, tasks=["caption_likelihood"], meteor=None, progress=False)
+    assert policy.scored == free["caption"]
+    likelihood = result["caption_likelihood"]
+    assert likelihood["scored"] == "reference caption" and likelihood["attribute_prob"] is None
+    assert likelihood["caption_prob"] == pytest.approx(0.9 ** 3)
+    assert likelihood["nll_per_token"] == pytest.approx(-3 * math.log(0.9) / 4)
+    assert "attribute_logprobs" not in result["predictions"][0]
+
+
+def test_caption_likelihood_needs_a_policy_with_token_logprobs(rows):
+    with pytest.raises(ValueError, match="caption_logprobs"):
+        evaluate_policy(OraclePolicy(rows), rows, tasks=["caption_likelihood"], meteor=None, progress=False)
 
 
 def test_max_samples_keeps_region_counts_of_the_whole_image(tmp_path):
@@ -186,7 +245,8 @@ def test_cli_end_to_end_on_a_saved_tiny_model(tmp_path):
     write_shapes_world(str(tmp_path / "w"), n_train=1, n_validation=1, n_test=3, image_size=128, progress=False)
     out = tmp_path / "result.json"
     report = main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "w"), "--split", "test",
-                   "--max-samples", "4", "--batch-size", "2", "--max-new-tokens", "6", "--output", str(out)])
+                   "--max-samples", "4", "--batch-size", "2", "--max-new-tokens", "6", "--output", str(out),
+                   "--tasks", "segmentation,captioning,caption_likelihood"])
     saved = json.loads(out.read_text())
     assert saved["num_samples"] == report["num_samples"] == 4
     seg = saved["segmentation"]
@@ -195,6 +255,9 @@ def test_cli_end_to_end_on_a_saved_tiny_model(tmp_path):
     assert saved["attributes"]["count"] == 4  # the shapes world was recognised
     assert 0.0 <= saved["attributes"]["exact_match"] <= 1.0
     assert saved["captioning"]["count"] == 4
+    likelihood = saved["caption_likelihood"]  # a random model: about uniform over the vocabulary
+    assert likelihood["count"] == 4 and likelihood["nll_per_token"] > 1.0 and set(likelihood["attribute_prob"]) == {
+        "shape", "colour", "size", "position"}
 
 
 def test_load_policy_reads_the_shipped_warm_start_by_its_builtin_name():

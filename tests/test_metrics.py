@@ -7,7 +7,7 @@ import pytest
 
 from sa2va_trl.data.schema import encode_mask
 from sa2va_trl.metrics import (
-    attribute_metrics, caption_metrics, format_table, is_shapes_world, mask_iou, segmentation_metrics,
+    attribute_metrics, caption_likelihood_metrics, caption_metrics, format_table, is_shapes_world, mask_iou, segmentation_metrics,
 )
 
 
@@ -136,3 +136,18 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(sa2va_trl.metrics)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_caption_likelihood_metrics_by_hand_and_bad_input():
+    m = caption_likelihood_metrics([math.log(0.8), math.log(0.2)], [4, 6],
+                                   [{"position": math.log(0.9), "shape": math.log(0.5)},
+                                    {"position": math.log(0.3), "shape": math.log(1.0)}])
+    assert m["count"] == 2 and m["caption_prob"] == pytest.approx(0.5)
+    assert m["nll_per_token"] == pytest.approx(-(math.log(0.8) + math.log(0.2)) / 10)
+    assert list(m["attribute_prob"]) == ["shape", "position"]  # the evaluation's attribute order
+    assert m["attribute_prob"]["position"] == pytest.approx(0.6)
+    assert caption_likelihood_metrics([math.log(0.5)], [2])["attribute_prob"] is None
+    with pytest.raises(ValueError, match="row 1, field 'caption_logprob'"):
+        caption_likelihood_metrics([0.0, float("nan")], [1, 1])
+    with pytest.raises(ValueError, match="2 log-probs for 1 token counts"):
+        caption_likelihood_metrics([0.0, 0.0], [1])

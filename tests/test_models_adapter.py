@@ -1,5 +1,7 @@
 """The policy adapter: prompts, batched sampling vs the training forward, masks, counters, errors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -677,3 +679,48 @@ def test_preserved_feature_cache_keeps_exactly_the_entries_it_found():
         assert len(policy._feature_cache) == 1 and policy._feature_cache.keys() != before.keys()
     assert policy._feature_cache.keys() == before.keys()
     assert all(policy._feature_cache[k] is v for k, v in before.items())
+
+
+@pytest.fixture(scope="module")
+def warm_policy():
+    from sa2va_trl.sft import tiny_warm_start_path
+
+    return Sa2VAPolicy.from_pretrained(tiny_warm_start_path())
+
+
+def test_caption_logprobs_equal_the_sampler_and_map_tokens_to_characters(warm_policy):
+    """Scoring the greedy caption teacher-forced gives the log-probs it was generated with; spans cover its words."""
+    from sa2va_trl.data.synthetic import generate_scene
+
+    scene = generate_scene(5)
+    images = [scene.image] * len(scene.masks)
+    rollout = warm_policy.sample(warm_policy.caption_prompts(images, scene.masks), 1, 16, do_sample=False)
+    captions = [text.strip() for text in rollout.completions]
+    scores = warm_policy.caption_logprobs(images, scene.masks, captions)
+    for row, (caption, score) in enumerate(zip(captions, scores)):
+        n = int(rollout.completion_mask[row].sum())
+        assert not rollout.is_truncated[row] and score.token_ids == rollout.completion_ids[row, :n].tolist()
+        torch.testing.assert_close(torch.tensor(score.logprobs), rollout.logprobs[row, :n], rtol=0, atol=1e-5)
+        assert score.spans[-1] == (len(caption), len(caption)) and len(score.spans) == n
+        word = caption.split()[-1]  # the last word, then only the eos
+        start = caption.rindex(word)
+        assert score.span_logprob(start, len(caption)) == pytest.approx(sum(score.logprobs[:-1][-1:]))
+        assert score.total == pytest.approx(sum(score.logprobs)) and score.total <= 0
+    with pytest.raises(ValueError, match="1 captions for 2 region masks"):
+        warm_policy.caption_logprobs(images[:2], scene.masks[:2], captions[:1])
+
+
+def test_caption_logprobs_of_the_warm_start_prefer_the_true_colour(warm_policy):
+    """The shipped warm start names colours almost perfectly: the true colour word is far likelier than a wrong one."""
+    from sa2va_trl.data.synthetic import generate_scene
+
+    warm = warm_policy
+    scene = generate_scene(3)
+    images = [scene.image] * len(scene.masks)
+    wrong = [dataclasses.replace(a, colour="green" if a.colour != "green" else "blue") for a in scene.attributes]
+    right = warm.caption_logprobs(images, scene.masks, [a.canonical_caption() for a in scene.attributes])
+    other = warm.caption_logprobs(images, scene.masks, [a.canonical_caption() for a in wrong])
+    for good_attributes, bad_attributes, good, bad in zip(scene.attributes, wrong, right, other):
+        assert good.span_logprob(*good_attributes.canonical_spans()["colour"]) > np.log(0.5)
+        assert bad.span_logprob(*bad_attributes.canonical_spans()["colour"]) < np.log(0.1)
+        assert good.total > bad.total

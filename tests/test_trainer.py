@@ -294,8 +294,10 @@ def test_evaluation_inside_training_picks_the_best_checkpoint(tmp_path):
     trainer.train()
     evals = [entry for entry in trainer.state.log_history if "eval_mean_iou" in entry]
     assert [entry["step"] for entry in evals] == [1, 2]
-    for key in ("eval_meteor", "eval_exact_match", "eval_accuracy/colour", "eval_precision@0.5"):
+    for key in ("eval_meteor", "eval_exact_match", "eval_accuracy/colour", "eval_precision@0.5", "eval_caption_prob",
+                "eval_caption_prob/shape"):
         assert 0.0 <= evals[-1][key] <= 1.0
+    assert evals[-1]["eval_caption_nll_per_token"] > 1.0  # a random tiny model: about uniform over its vocabulary
     assert trainer.state.best_model_checkpoint is not None
     assert os.path.isfile(os.path.join(trainer.state.best_model_checkpoint, EMA_CONFIG_NAME))  # EMA saved with it
     train_entries = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -34,6 +34,7 @@ import io
 import itertools
 import logging
 import re
+import string
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -107,6 +108,23 @@ class ShapeAttributes:
         if not self.is_complete():
             raise ValueError(f"cannot caption incomplete attributes {self}")
         return TEMPLATES[0].format(size=self.size, colour=self.colour, shape=self.shape, position=self.position)
+
+    def canonical_spans(self) -> dict[str, tuple[int, int]]:
+        """Where each attribute's words sit in :meth:`canonical_caption`, as (start, end) character spans.
+
+        Example:
+            >>> ShapeAttributes("circle", "red", "small", "top left").canonical_spans()["position"]
+            (26, 34)
+        """
+        self.canonical_caption()  # raises on incomplete attributes
+        spans, cursor = {}, 0
+        for literal, name, _, _ in string.Formatter().parse(TEMPLATES[0]):
+            cursor += len(literal)
+            if name:
+                value = getattr(self, name)
+                spans[name] = (cursor, cursor + len(value))
+                cursor += len(value)
+        return spans
 
 
 @dataclass

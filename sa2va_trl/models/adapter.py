@@ -260,6 +260,33 @@ class MaskOutput:
         return [m.detach().cpu().numpy().astype(bool) for m in self.masks]
 
 
+@dataclass
+class CaptionScore:
+    """Teacher-forced log-probs of one caption (`Sa2VAPolicy.caption_logprobs`).
+
+    Attributes:
+        token_ids: the caption's token ids followed by the eos id.
+        logprobs: one log-prob per token (the eos last).
+        spans: (start, end) character span of each token in the caption, the eos as (len, len);
+            None for a tokenizer without offsets (a slow tokenizer).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    spans: list[tuple[int, int]] | None
+
+    @property
+    def total(self) -> float:
+        """log p(caption + eos)."""
+        return float(sum(self.logprobs))
+
+    def span_logprob(self, start: int, end: int) -> float:
+        """The summed log-prob of the tokens overlapping characters [start, end) (given the tokens before)."""
+        if self.spans is None:
+            raise ValueError("this tokenizer gives no character offsets; only the total log-prob is available")
+        return float(sum(lp for (a, b), lp in zip(self.spans, self.logprobs) if a < end and b > start))
+
+
 def _get_token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """log_softmax of each step's logits gathered at the chosen ids, in float32.
 
@@ -1084,3 +1111,41 @@ class Sa2VAPolicy:
         rollout = self.sample(self.segmentation_prompts(images, texts), 1, max_new_tokens, do_sample=False)
         masks = self.decode_masks(rollout.batch, self.seg_embeddings(rollout.seg_hidden), rollout.has_seg)
         return masks.numpy_masks()
+
+    @torch.no_grad()
+    def caption_logprobs(self, images, region_masks, captions: Sequence[str]) -> list[CaptionScore]:
+        """Teacher-forced log-probs of given captions (each followed by the eos token), at temperature 1.
+
+        The likelihood side of evaluation: how much probability the policy gives a reference caption,
+        token by token, which moves long before the greedy caption changes.
+
+        Args:
+            images: PIL images or arrays.
+            region_masks: one H x W mask per image.
+            captions: one caption per (image, mask); scored exactly as given (no chat formatting).
+
+        Returns:
+            One CaptionScore per caption.
+        """
+        if len(captions) != len(region_masks):
+            raise ValueError(f"{len(captions)} captions for {len(region_masks)} region masks")
+        batch = self.caption_prompts(images, region_masks)
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.eos_token_ids[0]
+        token_ids, spans = [], []
+        for text in captions:
+            if self.tokenizer.is_fast:
+                encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                spans.append([tuple(span) for span in encoded["offset_mapping"]] + [(len(text), len(text))])
+            else:  # slow tokenizers give no character offsets
+                encoded = self.tokenizer(text, add_special_tokens=False)
+                spans.append(None)
+            token_ids.append(list(encoded["input_ids"]) + [eos])
+        width = max(len(ids) for ids in token_ids)
+        ids = torch.full((len(token_ids), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, row_ids in enumerate(token_ids):
+            ids[row, :len(row_ids)] = torch.tensor(row_ids)
+            mask[row, :len(row_ids)] = 1
+        logprobs = self.completion_logprobs(batch, ids, mask).logprobs.float().cpu()
+        return [CaptionScore(token_ids=row_ids, logprobs=logprobs[row, :len(row_ids)].tolist(), spans=spans[row])
+                for row, row_ids in enumerate(token_ids)]
