@@ -5,7 +5,8 @@ drawn the same whichever process draws it), each launched once per test module (
 when idle, about twice that when other jobs share them):
 
 - ZeRO-3 with every parameter partitioned (accelerate_configs/cpu_zero3_partitioned.yaml), through
-  tests/dist_scripts/grpo_run.py, which reports each rank's view after training; it evaluates inside training;
+  tests/dist_scripts/grpo_run.py, which reports each rank's view after training; it evaluates inside training and
+  saves a checkpoint at step 2, from which a second launch resumes;
 - the documented command with accelerate_configs/cpu_zero3.yaml (`-m sa2va_trl.grpo recipes/demo.yaml`);
 - ZeRO-2 (accelerate_configs/cpu_zero2.yaml), through the same script;
 - the reference: the same recipe in this process, 24 rows per step.
@@ -48,6 +49,8 @@ GRAD_NORM_ATOL = 1e-8  # a step whose advantages are all 0 has only the KL gradi
 # Weights after the 3 steps (Adam, lr 1e-5, moves them by up to 3.0e-5): max |difference| from the single-process
 # run measured 9.4e-7 (ZeRO-3) and 5.2e-8 (ZeRO-2); the two ZeRO-3 runs are bit-identical.
 WEIGHT_ATOL = 5e-6
+# The ZeRO-3 run also writes checkpoint-2 (model, EMA slices, optimizer partitions, RNG states) for the resume test.
+CHECKPOINT_AT_2 = ["--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2"]  # demo.yaml keeps 1
 EXACT_KEYS = ("reward", "reward_std", "completions/mean_length", "rewards/mask_to_caption/cycle_iou/mean",
               "rewards/caption_to_mask/cycle_meteor/mean", "rewards/caption_to_mask/mask_iou/mean")
 
@@ -107,7 +110,7 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    launch("cpu_zero3_partitioned.yaml", str(SCRIPT), str(out), *grpo_run.EVAL_FLAGS)
+    launch("cpu_zero3_partitioned.yaml", str(SCRIPT), str(out), *grpo_run.EVAL_FLAGS, *CHECKPOINT_AT_2)
     return out
 
 
@@ -199,6 +202,32 @@ def test_zero3_documented_command_completes_and_equals_the_partitioned_run(tmp_p
     gathered = torch.load(zero3_dir / "gathered.pt")  # the same 3 steps, every parameter partitioned
     for name, param in loaded.model.named_parameters():
         torch.testing.assert_close(param, gathered[name], rtol=0, atol=0)  # measured: bit-identical
+
+
+def test_zero3_run_resumed_from_its_checkpoint_ends_identical_with_its_ema(tmp_path, zero3_dir):
+    """Interrupted after step 2 and relaunched with `--resume_from_checkpoint`: step 3 is the same step, and the
+    weights and the EMA end bit for bit where the uninterrupted run's did."""
+    from sa2va_trl.models.modeling_sa2va import Sa2VAModel
+
+    checkpoint = zero3_dir / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").is_file()
+    out = tmp_path / "resumed"
+    launch("cpu_zero3_partitioned.yaml", str(SCRIPT), str(out), *grpo_run.EVAL_FLAGS, *CHECKPOINT_AT_2,
+           "--resume_from_checkpoint", str(checkpoint))
+    resumed, uninterrupted = reports(out)[0], reports(zero3_dir)[0]
+    steps = train_logs(resumed["log_history"])
+    assert [e["step"] for e in steps] == [1, 2, 3]  # steps 1-2 come from the checkpoint's log history
+    assert {step for step, _ in resumed["forward_loops"]} == {3}  # this launch trained step 3 only
+    want = train_logs(uninterrupted["log_history"])[2]
+    for key in (*EXACT_KEYS, "loss", "grad_norm", "kl"):
+        assert steps[2][key] == want[key], key
+    got, ref = torch.load(out / "gathered.pt"), torch.load(zero3_dir / "gathered.pt")
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+    ema = dict(Sa2VAModel.from_pretrained(str(out / "ema_model")).named_parameters())
+    for name, value in Sa2VAModel.from_pretrained(str(zero3_dir / "ema_model")).named_parameters():
+        torch.testing.assert_close(ema[name], value, rtol=0, atol=0)
+    assert resumed["reverse_is_ema"] and resumed["live_restored"]
 
 
 # --- ZeRO-2 ---------------------------------------------------------------------------------------------------------
