@@ -173,4 +173,4 @@ def test_grounding_recipe_differs_from_the_demo_only_where_documented(tmp_path):
     assert demo.text_hidden_fcs_learning_rate is None
     assert grounding.per_device_train_batch_size == 4 * demo.per_device_train_batch_size
     assert (grounding.loops, grounding.beta, grounding.ema_decay) == (demo.loops, demo.beta, demo.ema_decay)
-    assert grounding.mask_action_sigma == 0.3 and grounding.max_steps == 150
+    assert grounding.mask_action_sigma == 0.3 and grounding.max_steps == 1000 and grounding.save_steps == 500
