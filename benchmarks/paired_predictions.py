@@ -118,8 +118,9 @@ def format_comparison(name: str, result: dict) -> str:
     for key in ("caption_prob", *(f"p_{a}" for a in ATTRIBUTES)):
         if key in result:
             r = result[key]
+            change = r["mean"] - r["baseline_mean"]
             parts.append(f"{key} {r['mean']:.4f} vs {r['baseline_mean']:.4f} "
-                         f"({r['mean'] - r['baseline_mean']:+.4f}, z={r['z']:+.1f} p={r['p']:.2g}, {r['images']} images)")
+                         f"({change:+.4f}, z={r['z']:+.1f} p={r['p']:.2g}, {r['images']} images)")
     return " | ".join(parts)
 
 

@@ -13,7 +13,9 @@ For every row (one region of one image) the model, driven only through the polic
 conveniences, (1) segments the reference caption: ``Sa2VAPolicy.segment(images, captions)``, and
 (2) captions the region: ``Sa2VAPolicy.caption(images, masks)``. Scores (sa2va_trl/metrics.py):
 mean / cumulative IoU, precision@0.5 and IoU by number of regions in the image; METEOR against the
-reference; on the shapes world also exact match and accuracy per attribute. Rows without a caption
+reference; on the shapes world also exact match and accuracy per attribute. ``--tasks ...,caption_likelihood``
+adds the teacher-forced probability of each reference caption (``Sa2VAPolicy.caption_logprobs``; per attribute
+on the shapes world), which moves before the greedy caption changes. Rows without a caption
 are captioned but not scored against text and not segmented. A table is printed; ``--output``
 writes the JSON, ``--predictions`` one JSON line per row.
 """
@@ -37,7 +39,8 @@ from tqdm.auto import tqdm
 from .data.loaders import FORMATS, detect_format, load_rows_with_stats
 from .data.schema import CAPTION, IMG, REGION_INDEX, REGION_MASK, SOURCE_ID, decode_region_mask, encode_mask
 from .metrics import (
-    attribute_metrics, caption_likelihood_metrics, caption_metrics, default_meteor, format_table, is_shapes_world, segmentation_metrics,
+    attribute_metrics, caption_likelihood_metrics, caption_metrics, default_meteor, format_table, is_shapes_world,
+    segmentation_metrics,
 )
 
 logger = logging.getLogger(__name__)
@@ -281,7 +284,8 @@ def evaluate_policy(policy, dataset, n_regions: Sequence[int] | None = None, bat
     bar.close()
 
     result: dict[str, Any] = {"num_samples": n, "num_images": len(set(dataset[SOURCE_ID])),
-                              "segmentation": None, "captioning": None, "attributes": None, "caption_likelihood": None,
+                              "segmentation": None, "captioning": None, "attributes": None,
+                              "caption_likelihood": None,
                               "failed_rows": {str(k): v for k, v in sorted(failures.items())}}
     scored = [i for i in range(n) if references[i]]
     if "segmentation" in tasks and scored:
@@ -325,8 +329,11 @@ def _likelihood_targets(references: Sequence[str]) -> list:
 
         targets: list = []
         for reference in references:
-            attributes = parse_caption(reference) if reference else None
-            targets.append(None if attributes is None else (attributes.canonical_caption(), attributes.canonical_spans()))
+            if not reference:
+                targets.append(None)
+                continue
+            attributes = parse_caption(reference)
+            targets.append((attributes.canonical_caption(), attributes.canonical_spans()))
         return targets
     return [(reference, None) if reference else None for reference in references]
 
@@ -344,7 +351,7 @@ def _score_captions(policy) -> Callable:
 
 
 def _likelihood_record(score, target) -> dict:
-    caption, spans = target
+    spans = target[1]
     record = {"caption_logprob": score.total, "caption_tokens": len(score.logprobs)}
     if spans is not None and score.spans is not None:
         record["attribute_logprobs"] = {name: score.span_logprob(*span) for name, span in spans.items()}

@@ -903,7 +903,9 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         preserved = getattr(self.policy, "preserved_feature_cache", None)
         try:
             with self.full_parameters(), (preserved() if preserved is not None else contextlib.nullcontext()):
-                tasks = (*DEFAULT_TASKS, "caption_likelihood") if hasattr(self.policy, "caption_logprobs") else DEFAULT_TASKS
+                tasks = DEFAULT_TASKS
+                if hasattr(self.policy, "caption_logprobs"):
+                    tasks = (*DEFAULT_TASKS, "caption_likelihood")
                 result = evaluate_policy(self.policy, rows, tasks=tasks, progress=False,
                                          max_new_tokens=self.max_completion_length)
         finally:

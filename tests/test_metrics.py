@@ -7,7 +7,8 @@ import pytest
 
 from sa2va_trl.data.schema import encode_mask
 from sa2va_trl.metrics import (
-    attribute_metrics, caption_likelihood_metrics, caption_metrics, format_table, is_shapes_world, mask_iou, segmentation_metrics,
+    attribute_metrics, caption_likelihood_metrics, caption_metrics, format_table, is_shapes_world, mask_iou,
+    segmentation_metrics,
 )
 
 
