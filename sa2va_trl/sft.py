@@ -126,7 +126,7 @@ class SFTConfig:
     batch_size: int = field(default=8, metadata={"help": "images (synthetic) or rows per step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps, then cosine to 10%"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps, then cosine to 10%%"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
     max_minutes: float = field(default=0.0, metadata={
         "help": "wall-time cap of the whole run in minutes (0: none); the lr decay follows it, SFT stops at it"})

@@ -110,7 +110,7 @@ class RewardNetScriptArguments:
     channels_last: bool = field(
         default=True,
         metadata={"help": "Keep the conv weights in channels-last memory format while training (on this 2-core CPU "
-                  "at input 64, measured 10-25% less time per training step; the saved weights are the same values)."},
+                  "at input 64, measured 10-25%% less time per training step; the saved weights are the same values)."},
     )
     init_from: str | None = field(
         default=None, metadata={"help": "Start from a trained network: a save_pretrained dir, a Hub id or a .pth."}
