@@ -309,7 +309,8 @@ def evaluate_policy(policy, dataset, n_regions: Sequence[int] | None = None, bat
         result["caption_likelihood"] = caption_likelihood_metrics(
             [row["caption_logprob"] for row in rows], [row["caption_tokens"] for row in rows],
             [row["attribute_logprobs"] for row in rows] if with_attributes else None)
-        result["caption_likelihood"]["scored"] = "canonical caption" if with_attributes else "reference caption"
+        canonical = any(target is not None and target[1] is not None for target in likelihood_targets)
+        result["caption_likelihood"]["scored"] = "canonical caption" if canonical else "reference caption"
     ious = dict(zip(scored, result["segmentation"].pop("ious"))) if result["segmentation"] else {}
     source_ids, region_indices = dataset[SOURCE_ID], dataset[REGION_INDEX]
     result["predictions"] = [
