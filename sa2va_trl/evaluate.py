@@ -279,7 +279,7 @@ def evaluate_policy(policy, dataset, n_regions: Sequence[int] | None = None, bat
                                     [ids[k] for k in keep], failures)
                 for k, score in zip(keep, scores):
                     if score is not None:
-                        likelihoods[ids[k]] = _likelihood_record(score, likelihood_targets[ids[k]])
+                        likelihoods[ids[k]] = _likelihood_record(score, likelihood_targets[ids[k]][1])
         bar.update(len(ids))
     bar.close()
 
@@ -351,8 +351,8 @@ def _score_captions(policy) -> Callable:
     return score
 
 
-def _likelihood_record(score, target) -> dict:
-    spans = target[1]
+def _likelihood_record(score, spans: dict | None) -> dict:
+    """A prediction line's likelihood fields: the caption's log-prob and, given attribute spans, each attribute's."""
     record = {"caption_logprob": score.total, "caption_tokens": len(score.logprobs)}
     if spans is not None and score.spans is not None:
         record["attribute_logprobs"] = {name: score.span_logprob(*span) for name, span in spans.items()}

@@ -338,15 +338,11 @@ def build_examples(config: SFTConfig):
 
 def _completion_tensors(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded completion ids (text + eos) and their mask."""
+    from .models.adapter import right_pad
+
     eos = tokenizer.eos_token or ""
     encoded = [tokenizer(t + eos, add_special_tokens=False)["input_ids"] for t in texts]
-    length = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for row, tokens in enumerate(encoded):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    return ids, mask
+    return right_pad(encoded, tokenizer.pad_token_id)
 
 
 class SFTStep:

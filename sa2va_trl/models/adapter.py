@@ -287,6 +287,18 @@ class CaptionScore:
         return float(sum(lp for (a, b), lp in zip(self.spans, self.logprobs) if a < end and b > start))
 
 
+def right_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) long ids right-padded with `pad_id`, and their (N, T) long mask (1 on real tokens): the layout
+    `Sa2VAPolicy.completion_logprobs` takes."""
+    width = max(len(tokens) for tokens in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(token_lists):
+        ids[row, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
 def _get_token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """log_softmax of each step's logits gathered at the chosen ids, in float32.
 
@@ -1140,12 +1152,7 @@ class Sa2VAPolicy:
                 encoded = self.tokenizer(text, add_special_tokens=False)
                 spans.append(None)
             token_ids.append(list(encoded["input_ids"]) + [eos])
-        width = max(len(ids) for ids in token_ids)
-        ids = torch.full((len(token_ids), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, row_ids in enumerate(token_ids):
-            ids[row, :len(row_ids)] = torch.tensor(row_ids)
-            mask[row, :len(row_ids)] = 1
+        ids, mask = right_pad(token_ids, self.pad_token_id)
         logprobs = self.completion_logprobs(batch, ids, mask).logprobs.float().cpu()
         return [CaptionScore(token_ids=row_ids, logprobs=logprobs[row, :len(row_ids)].tolist(), spans=spans[row])
                 for row, row_ids in enumerate(token_ids)]
