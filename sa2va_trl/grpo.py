@@ -76,7 +76,11 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args, backend: st
     published checkpoint (local directory or Hub id) loaded with its own code (`load_published_sa2va`)."""
     check_model_source(model_args, training_args, backend)
     if backend == "remote":
-        return load_published_model_and_tokenizer(model_args)
+        # Whole on each rank, partitioned when the trainer prepares it: the published code does not load under
+        # zero.Init (transformers 5 then reports size mismatches for the SAM2 memory modules, measured on a tiny
+        # published model); host memory holds one copy per process while it loads.
+        with _whole_model_init(training_args):
+            return load_published_model_and_tokenizer(model_args)
     name = model_args.model_name_or_path
     if name in (None, "", TINY_MODEL):
         from sa2va_trl.models.tiny import build_tiny_model
@@ -147,7 +151,8 @@ def load_published_model_and_tokenizer(model_args: ModelConfig):
 @contextlib.contextmanager
 def _whole_model_init(training_args):
     """Build a model whole on each rank even under ZeRO-3 (DeepSpeed partitions it when the trainer prepares it):
-    the tiny model is a few MB, and its weight init does not run on zero.Init's empty shards."""
+    the tiny model is a few MB, and its weight init does not run on zero.Init's empty shards; the published
+    remote-code model does not load under zero.Init."""
     from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled

@@ -525,6 +525,7 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         # EMA is the reference here, so build the parent with beta 0 and restore it after.
         beta = args.beta
         args.beta = 0.0
+        user_reentrant = (args.activation_checkpointing_kwargs or {}).get("use_reentrant")
         try:
             super().__init__(
                 model=model,
@@ -539,6 +540,7 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         finally:
             args.beta = beta
         self._check_zero3()
+        self._use_non_reentrant_checkpointing(user_reentrant)
         self.ema.add_to(self)  # before the reporting callbacks, so `ema/decay` is logged
         self.beta = beta
         self.ref_model = _EMAReference() if beta != 0.0 else None
@@ -602,6 +604,29 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
                 "model calls differ between ranks and run under one full gather of the parameters (without it, "
                 "ZeRO-3's per-module collectives would deadlock). Remove the setting (default true)."
             )
+
+    def _use_non_reentrant_checkpointing(self, user_reentrant: bool | None) -> None:
+        """Undo TRL's `use_reentrant: true` for PEFT + ZeRO-3 + activation checkpointing, unless the user asked for it.
+
+        TRL forces reentrant checkpointing there to dodge DeepSpeed's "recomputed values have different metadata"
+        error on partitioned frozen weights (deepspeedai/DeepSpeed#4332; DeepSpeed 0.19.8, installed here, ran
+        non-reentrant without it). Reentrant checkpointing breaks this trainer instead: its training forward runs
+        the language model once per loop, a reentrant backward fires a parameter's gradient hook once per run, and
+        ZeRO-3 asserts that each bucket reduces a parameter once (deepspeedai/DeepSpeed#988), at the first step that
+        holds both loops. Measured with 2 CPU processes: reentrant fails there, non-reentrant trains and matches a
+        single-process run (tests/test_trainer_remote_distributed.py)."""
+        args = self.args
+        if not (self.zero3 and args.activation_checkpointing):
+            return
+        if user_reentrant:
+            logger.warning("ZeRO-3 with `use_reentrant: true`: the first step that holds both loops may fail "
+                           "DeepSpeed's gradient-bucket assertion; unset it to get non-reentrant checkpointing.")
+            return
+        for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+            kwargs = getattr(args, name, None)
+            if isinstance(kwargs, dict) and kwargs.get("use_reentrant"):
+                kwargs["use_reentrant"] = False
+                logger.info("ZeRO-3 with activation checkpointing: non-reentrant checkpointing (%s)", name)
 
     def _with_tasks(self, dataset, loops):
         if dataset is None or TASK_COLUMN in dataset.column_names:

@@ -56,8 +56,11 @@ def stand_in_modules() -> dict[str, types.ModuleType]:
     def unavailable(*args, **kwargs):
         raise RuntimeError("torchvision stand-in of the tests: the published preprocessing is not used here")
 
+    def missing(name):  # not installed, and no stand-in in place already (nested use)
+        return name not in sys.modules and importlib.util.find_spec(name) is None
+
     modules = {}
-    if importlib.util.find_spec("torchvision") is None:
+    if missing("torchvision"):
         root, transforms, functional = (types.ModuleType(n) for n in
                                         ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"))
         for name in ("Compose", "Lambda", "Resize", "ToTensor", "Normalize"):
@@ -66,7 +69,7 @@ def stand_in_modules() -> dict[str, types.ModuleType]:
         functional.resize = functional.to_pil_image = unavailable
         root.transforms, transforms.functional = transforms, functional
         modules.update({m.__name__: m for m in (root, transforms, functional)})
-    if importlib.util.find_spec("timm") is None:
+    if missing("timm"):
         timm, models, layers = (types.ModuleType(n) for n in ("timm", "timm.models", "timm.models.layers"))
 
         class DropPath(nn.Module):  # only built when drop_path_rate > 0, never in these tests
@@ -170,6 +173,33 @@ def write_published_checkpoint(model, code_dir: Path, target: Path, tokenizer=No
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
     return target
+
+
+def use_tiny_published_loaders(patch: pytest.MonkeyPatch) -> None:
+    """Route the project's loading of published checkpoints to tiny ones, for a whole entry-point run.
+
+    `load_published_sa2va` (training, merging) gets the stand-ins and the small SAM2 image encoder while the
+    checkpoint's code runs, and the training loader gives the LM head its [SEG] / eos bias back (a published model
+    has no place for it, so the checkpoint loses it)."""
+    from sa2va_trl import grpo
+    from sa2va_trl.models import remote
+
+    load_published = remote.load_published_sa2va
+    load_for_training = grpo.load_published_model_and_tokenizer
+
+    def load_tiny(path, *args, **kwargs):
+        _, _, sam2_module = official_classes(Path(path))
+        with stand_ins_installed(), pytest.MonkeyPatch.context() as inner:
+            use_small_image_encoder(inner, sam2_module)
+            return load_published(path, *args, **kwargs)
+
+    def load_tiny_for_training(model_args):
+        model, tokenizer = load_for_training(model_args)
+        favour_seg_and_eos(model.language_model, tokenizer)
+        return model, tokenizer
+
+    patch.setattr(remote, "load_published_sa2va", load_tiny)
+    patch.setattr(grpo, "load_published_model_and_tokenizer", load_tiny_for_training)
 
 
 def load_tiny_published_checkpoint(path: Path):

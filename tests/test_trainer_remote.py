@@ -13,6 +13,7 @@ The part mapping, LoRA targets and backend checks without the published code are
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import sys
@@ -34,9 +35,7 @@ from published_sa2va import (  # noqa: E402
     favour_seg_and_eos,
     load_tiny_published_checkpoint,
     official,
-    official_classes,
-    stand_ins_installed,
-    use_small_image_encoder,
+    use_tiny_published_loaders,
     write_published_checkpoint,
 )
 
@@ -132,22 +131,6 @@ def test_official_two_grpo_steps_of_both_loops_train_the_published_model(tmp_pat
         assert metric in logged, metric
 
 
-def _tiny_loader(original):
-    """`grpo.load_published_model_and_tokenizer` for the tiny checkpoint: its code builds the small SAM2 image
-    encoder, and the LM head gets the [SEG] / eos bias of `favour_seg_and_eos` back (a published model has no
-    place for it, so the checkpoint loses it)."""
-
-    def load(model_args):
-        _, _, sam2_module = official_classes(Path(model_args.model_name_or_path))
-        with stand_ins_installed(), pytest.MonkeyPatch.context() as patch:
-            use_small_image_encoder(patch, sam2_module)
-            model, tokenizer = original(model_args)
-        favour_seg_and_eos(model.language_model, tokenizer)
-        return model, tokenizer
-
-    return load
-
-
 def test_official_cycle_recipe_trains_a_published_checkpoint_with_lora_through_the_entry_point(
     tmp_path, tokenizer, monkeypatch
 ):
@@ -155,7 +138,7 @@ def test_official_cycle_recipe_trains_a_published_checkpoint_with_lora_through_t
 
     published, _, code_dir = build_tiny_published(tokenizer)
     checkpoint = write_published_checkpoint(published, code_dir, tmp_path / "published", tokenizer=tokenizer)
-    monkeypatch.setattr(grpo, "load_published_model_and_tokenizer", _tiny_loader(grpo.load_published_model_and_tokenizer))
+    use_tiny_published_loaders(monkeypatch)
     out = tmp_path / "run"
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "cycle.yaml")
     # cycle.yaml as it is (LoRA, the loops and rewards, the EMA and KL, activation checkpointing, evaluation), on
@@ -204,3 +187,16 @@ def test_official_cycle_recipe_trains_a_published_checkpoint_with_lora_through_t
     theirs = dict(reloaded.named_parameters())
     for name, p in ours.items():
         torch.testing.assert_close(theirs[name], p.detach(), rtol=0, atol=0, msg=name)
+
+    # save_merged_model (cycle.yaml's setting): merged_model/ is the published checkpoint with the live adapters
+    # merged in, ema_merged_model/ with the EMA's; both load with the checkpoint's own code.
+    merged = load_tiny_published_checkpoint(out / "merged_model").state_dict()
+    expected = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload().state_dict()
+    ema_merged = load_tiny_published_checkpoint(out / "ema_merged_model").state_dict()
+    shared = merged.keys() & expected.keys()
+    assert len(shared) == len(merged)  # every merged weight has its counterpart (the LM-head bias is not saved)
+    for name in shared:
+        torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    moved = [name for name in shared if name.startswith("language_model.") and not torch.equal(merged[name], saved[name])]
+    assert moved  # the adapters changed the language model's weights
+    assert any(not torch.equal(ema_merged[name], merged[name]) for name in moved)  # the EMA's merge is its own
