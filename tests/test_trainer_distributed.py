@@ -8,13 +8,15 @@ when idle, about twice that when other jobs share them):
   tests/dist_scripts/grpo_run.py, which reports each rank's view after training; it evaluates inside training and
   saves a checkpoint at step 2, from which a second launch resumes;
 - the documented command with accelerate_configs/cpu_zero3.yaml (`-m sa2va_trl.grpo recipes/demo.yaml`);
+- ZeRO-3 with LoRA and activation checkpointing (recipes/cycle.yaml's settings), against its own reference;
 - ZeRO-2 (accelerate_configs/cpu_zero2.yaml), through the same script;
+- DDP over gloo (`torchrun --nproc_per_node 2`), through the same script;
 - the reference: the same recipe in this process, 24 rows per step.
 
 Every run gives `text_hidden_fcs` its own learning rate (10x), so the comparisons also check that its optimizer
 group survives DeepSpeed.
 
-The DDP helper test at the end spawns its own two gloo processes.
+The DDP helper test at the end spawns its own two gloo processes (the redirect the whole DDP run relies on).
 """
 
 from __future__ import annotations
@@ -62,14 +64,27 @@ def free_port() -> int:
 
 
 def launch(config: str, *command: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    """`accelerate launch --config_file accelerate_configs/CONFIG COMMAND`, 2 processes on the CPU."""
     full = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
             "--config_file", str(ROOT / "accelerate_configs" / config), *command]
+    return _run(config, full)
+
+
+def torchrun(*command: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 COMMAND`: plain DDP over gloo (accelerate sees MULTI_CPU). accelerate's own
+    `--cpu` multi-process launch starts independent single processes on these machines."""
+    full = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), *command]
+    return _run("torchrun", full)
+
+
+def _run(name: str, full: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # 600 s: the first DeepSpeed start on a fresh machine compiles a C++ op (~2 min on 2 busy cores); a run
     # takes ~1 min. A deadlock (ranks calling different collectives) ends here.
     result = subprocess.run(full, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        pytest.fail(f"{config} run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        pytest.fail(f"{name} run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
 
 
@@ -272,7 +287,21 @@ def test_zero2_ranks_train_identical_weights_matching_a_single_process_run(zero2
     assert_weights_match(zero2_dir, reference)
 
 
-# --- DDP: the training forward must run as the wrapper's forward ----------------------------------------------------
+# --- DDP ------------------------------------------------------------------------------------------------------------
+
+
+def test_ddp_run_trains_identical_ranks_matching_a_single_process_run(tmp_path, reference):
+    torchrun(str(SCRIPT), str(tmp_path), "--use_cpu", "true")
+    r0, r1 = reports(tmp_path)
+    assert r0["world"] == 2 and r0["distributed_type"] == "DistributedType.MULTI_CPU" and r0["zero_stage"] is None
+    assert r0["weight_sum"] == r1["weight_sum"]  # DDP averaged the gradients: the same weights on both ranks
+    assert r0["param_group_lrs"] == reference["param_group_lrs"] == [1e-5, 1e-4]
+    assert_steps_match(r0["log_history"], reference)
+    assert_weights_match(tmp_path, reference)
+    assert r0["reverse_is_ema"] and r0["live_restored"]
+
+
+# The training forward must run as the wrapper's forward:
 
 
 def _ddp_worker(rank: int, init_file: str, redirect: bool, results):

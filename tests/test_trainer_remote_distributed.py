@@ -1,5 +1,6 @@
 """`recipes/cycle.yaml` with `model_backend: remote` (the published model's own code, LoRA) on 2 CPU processes under
-real DeepSpeed, against one process with the same global batch: the path the 8-GPU recipe takes.
+real DeepSpeed (and under DDP over gloo), against one process with the same global batch: the path the 8-GPU
+recipe takes.
 
 `@pytest.mark.official`: needs SA2VA_OFFICIAL_CODE (tests/published_sa2va.py), and skips with that reason otherwise
 (as in CI). Each launch runs tests/dist_scripts/grpo_remote_run.py: 3 steps of both loops on a tiny random published
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist_scripts"))
 import grpo_remote_run  # noqa: E402
 import grpo_run  # noqa: E402
 from published_sa2va import build_tiny_published, official, write_published_checkpoint  # noqa: E402
-from test_trainer_distributed import launch, reports, train_logs  # noqa: E402
+from test_trainer_distributed import launch, reports, torchrun, train_logs  # noqa: E402
 
 from sa2va_trl.models import build_tiny_tokenizer  # noqa: E402
 
@@ -58,6 +59,13 @@ def reference(tmp_path_factory, checkpoint):
 def _launch(tmp_path_factory, checkpoint, config, name):
     out = tmp_path_factory.mktemp(name)
     launch(config, str(SCRIPT), checkpoint, str(out), "--per_device_train_batch_size", str(PER_DEVICE))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_dir(tmp_path_factory, checkpoint):
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun(str(SCRIPT), checkpoint, str(out), "--per_device_train_batch_size", str(PER_DEVICE), "--use_cpu", "true")
     return out
 
 
@@ -106,3 +114,9 @@ def test_remote_backend_under_zero3_matches_a_single_process_run(zero3_dir, refe
     partitioned = [p for p in r0["params"].values() if not p["persistent"]]
     assert partitioned and all(p["materialised"] < p["numel"] for p in partitioned)
     _assert_matches_reference(zero3_dir, reference)
+
+
+def test_remote_backend_under_ddp_matches_a_single_process_run(ddp_dir, reference):
+    r0, _ = reports(ddp_dir)
+    assert r0["distributed_type"] == "DistributedType.MULTI_CPU" and r0["zero_stage"] is None
+    _assert_matches_reference(ddp_dir, reference)
