@@ -23,6 +23,7 @@ writes the JSON, ``--predictions`` one JSON line per row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -253,33 +254,36 @@ def evaluate_policy(policy, dataset, n_regions: Sequence[int] | None = None, bat
     if max_new_tokens is not None:
         caption_fn = functools.partial(policy.caption, max_new_tokens=max_new_tokens)
         segment_fn = functools.partial(policy.segment, max_new_tokens=max_new_tokens)
+    # The calls of one batch share each image's encoder features (one vision-tower pass, not one per task).
+    shared_features = getattr(policy, "shared_encoder_features", contextlib.nullcontext)
     bar = tqdm(total=n, desc="evaluating", unit="row", disable=not progress)
     for start in range(0, n, batch_size):
-        rows = dataset[start:start + batch_size]
-        ids = list(range(start, start + len(rows[SOURCE_ID])))
-        images = _batch_images(rows[IMG], rows[SOURCE_ID])
-        masks = [decode_region_mask(rle) for rle in rows[REGION_MASK]]
-        for i, rle in zip(ids, rows[REGION_MASK]):
-            gt_masks[i] = rle
-        if "captioning" in tasks:
-            for i, text in zip(ids, _call_rows(caption_fn, images, masks, ids, failures)):
-                pred_captions[i] = text
-        if "segmentation" in tasks:
-            keep = [k for k, caption in enumerate(rows[CAPTION]) if caption]
-            if keep:
-                outputs = _call_rows(segment_fn, [images[k] for k in keep], [rows[CAPTION][k] for k in keep],
-                                     [ids[k] for k in keep], failures)
-                for k, mask in zip(keep, outputs):
-                    pred_masks[ids[k]] = None if mask is None else encode_mask(np.asarray(mask, dtype=bool))
-        if likelihood_targets is not None:
-            keep = [k for k, i in enumerate(ids) if likelihood_targets[i] is not None]
-            if keep:
-                pairs = [(masks[k], likelihood_targets[ids[k]]) for k in keep]
-                scores = _call_rows(score_fn, [images[k] for k in keep], pairs,
-                                    [ids[k] for k in keep], failures)
-                for k, score in zip(keep, scores):
-                    if score is not None:
-                        likelihoods[ids[k]] = _likelihood_record(score, likelihood_targets[ids[k]][1])
+        with shared_features():
+            rows = dataset[start:start + batch_size]
+            ids = list(range(start, start + len(rows[SOURCE_ID])))
+            images = _batch_images(rows[IMG], rows[SOURCE_ID])
+            masks = [decode_region_mask(rle) for rle in rows[REGION_MASK]]
+            for i, rle in zip(ids, rows[REGION_MASK]):
+                gt_masks[i] = rle
+            if "captioning" in tasks:
+                for i, text in zip(ids, _call_rows(caption_fn, images, masks, ids, failures)):
+                    pred_captions[i] = text
+            if "segmentation" in tasks:
+                keep = [k for k, caption in enumerate(rows[CAPTION]) if caption]
+                if keep:
+                    outputs = _call_rows(segment_fn, [images[k] for k in keep], [rows[CAPTION][k] for k in keep],
+                                         [ids[k] for k in keep], failures)
+                    for k, mask in zip(keep, outputs):
+                        pred_masks[ids[k]] = None if mask is None else encode_mask(np.asarray(mask, dtype=bool))
+            if likelihood_targets is not None:
+                keep = [k for k, i in enumerate(ids) if likelihood_targets[i] is not None]
+                if keep:
+                    pairs = [(masks[k], likelihood_targets[ids[k]]) for k in keep]
+                    scores = _call_rows(score_fn, [images[k] for k in keep], pairs,
+                                        [ids[k] for k in keep], failures)
+                    for k, score in zip(keep, scores):
+                        if score is not None:
+                            likelihoods[ids[k]] = _likelihood_record(score, likelihood_targets[ids[k]][1])
         bar.update(len(ids))
     bar.close()
 

@@ -155,6 +155,15 @@ def test_policy_gradient_probe_smallest(tmp_path):
         assert [step for step, _ in run["greedy_position_curve"]] == [1]
 
 
+def test_evaluate_sharing_smallest(tmp_path):
+    from evaluate_sharing import main
+
+    result = main(["--images", "4", "--batch-size", "4", "--repeats", "1", "--output", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text()) == result
+    assert result["identical_predictions"]
+    assert result["per_call_vision_images"] == 3 * result["shared_vision_images"] > 0
+
+
 def test_exact_binomial_p_by_hand():
     from paired_predictions import exact_binomial_p
 

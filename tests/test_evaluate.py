@@ -5,6 +5,7 @@ shape" policy, a policy that fails on one row); a slow test runs the real CLI on
 random Sa2VA model and a tiny synthetic split.
 """
 
+import contextlib
 import json
 import math
 import re
@@ -311,3 +312,35 @@ def test_cli_fails_loudly_when_every_row_fails(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="every row failed.*broken model"):
         main(["--model", "x", "--data", str(tmp_path / "w"), "--no-meteor", "--output", str(out)])
     assert json.loads(out.read_text())["failed_rows"]  # the report is still written
+
+
+def test_the_tasks_of_a_batch_share_each_images_encoder_pass_with_identical_results():
+    """The shipped warm start loads with trainable parameters (the frozen-encoder cache alone would not apply):
+    captioning, segmenting and scoring a batch encode each image once, the outputs equal per-call encoding,
+    and no feature outlives the evaluation."""
+    from sa2va_trl.evaluate import load_policy
+
+    data = shapes_dataset(6, seed=3, split="test")  # the warm start's world: 128 px
+    policy = load_policy("builtin:tiny-warm")
+    assert any(p.requires_grad for p in policy.core.vision_model.parameters())
+    tasks = ("segmentation", "captioning", "caption_likelihood")
+
+    def run(shared: bool):
+        policy.reset_counters()
+        policy.clear_feature_cache()
+        if not shared:  # every call encodes its images again (the behaviour before sharing)
+            policy.shared_encoder_features = contextlib.nullcontext
+        try:
+            result = evaluate_policy(policy, data, batch_size=4, tasks=tasks, progress=False)
+        finally:
+            policy.__dict__.pop("shared_encoder_features", None)
+        return result, dict(policy.counters), len(policy._feature_cache)
+
+    shared, shared_counts, left = run(True)
+    separate, separate_counts, _ = run(False)
+    assert shared["predictions"] == separate["predictions"]  # captions, IoUs, log-probs: identical
+    images_per_batch = [len(set(data["source_id"][i:i + 4])) for i in range(0, len(data), 4)]
+    assert shared_counts["vision_images"] == sum(images_per_batch)  # one pass per image and batch
+    assert separate_counts["vision_images"] == 3 * sum(images_per_batch)  # caption, segment, score: one each
+    assert shared_counts["sam_encoder_images"] == separate_counts["sam_encoder_images"]  # segmenting only
+    assert left == 0

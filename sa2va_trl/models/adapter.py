@@ -458,6 +458,7 @@ class Sa2VAPolicy:
         # Frozen-encoder outputs per (encoder, model, device, image content), shared by every batch; see `_encode`.
         self._feature_cache: dict[tuple, tuple[bool, list[torch.Tensor]]] = {}
         self.feature_cache_size = 512  # entries (one per encoder and image)
+        self._cache_trainable_encoders = False  # inside `shared_encoder_features`
         # transformers' `generate` keeps all processes stepping together under DeepSpeed ZeRO-3 (an all-reduce per
         # token, `synced_gpus`), which deadlocks when ranks make different numbers of `sample` calls. A caller that
         # has gathered the whole model first (the trainer's rollouts, reverse model and evaluation) sets False;
@@ -726,6 +727,20 @@ class Sa2VAPolicy:
             self._feature_cache.clear()
             self._feature_cache.update(saved)
 
+    @contextlib.contextmanager
+    def shared_encoder_features(self):
+        """Context manager for inference with fixed weights: every encoder's features are cached per image, a
+        trainable encoder's too, so the calls inside that show one image (captioning, segmenting and scoring an
+        evaluation batch) encode it once. Inside, no gradient is recorded and the weights must not change; on exit
+        the cache holds exactly what it held on entry (no trainable encoder's features outlive the block)."""
+        previous = self._cache_trainable_encoders
+        self._cache_trainable_encoders = True
+        try:
+            with torch.no_grad(), self.preserved_feature_cache():
+                yield
+        finally:
+            self._cache_trainable_encoders = previous
+
     def _encode(self, batch: PromptBatch, name: str, encoder: torch.nn.Module, compute, pixels: torch.Tensor,
                 offsets: list[int]):
         """Encoder features for the images `batch` uses, each row's image index into them, and
@@ -737,7 +752,7 @@ class Sa2VAPolicy:
         weights only. A trainable one runs on the images the rows use (a `select`ed micro-batch
         encodes only its own images).
         """
-        frozen = not any(p.requires_grad for p in encoder.parameters())
+        frozen = self._cache_trainable_encoders or not any(p.requires_grad for p in encoder.parameters())
         if frozen and batch.image_keys is not None:
             keys = [(name, id(self.core), pixels.device, key) for key in batch.image_keys]
             missing = [u for u, key in enumerate(keys) if key not in self._feature_cache]
