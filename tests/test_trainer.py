@@ -135,6 +135,36 @@ def test_scale_rewards_none_and_loop_weights_shape_advantages(tmp_path):
     torch.testing.assert_close(output["advantages"], expected * weights)
 
 
+def length_reward(prompts, completions, completion_ids, **kwargs):
+    """A second reward on another scale (tens), for the multi-reward aggregation."""
+    return [10.0 * len(ids) for ids in completion_ids]
+
+
+def test_normalize_then_sum_normalizes_each_reward_per_group_before_the_weights(tmp_path):
+    """TRL's `multi_objective_aggregation: normalize_then_sum` keeps its meaning with two loops: each reward is
+    z-scored within its group (the other loop's rewards are NaN there and left out), weighted, summed, and the
+    sums normalised over the batch; then the loop weights."""
+    rewards = {MASK_TO_CAPTION: [hash_reward, length_reward], CAPTION_TO_MASK: [hash_reward]}
+    trainer = make_trainer(tmp_path, rewards=rewards, multi_objective_aggregation="normalize_then_sum",
+                           mask_to_caption_rewards=["cycle_iou", "caption_meteor"],  # 2 names for 2 weights
+                           mask_to_caption_reward_weights=[1.0, 0.5], caption_to_mask_weight=0.5)
+    trainer.ema.attach(trainer.model)
+    batch = generation_batch(trainer)
+    output = trainer._generate_and_score_completions(batch)
+    per_func = trainer._last_rewards_per_func
+    assert per_func.shape[1] == 3 and torch.isnan(per_func).any()
+    grouped = per_func.view(-1, G, 3)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    std = torch.sqrt(torch.nanmean((grouped - mean) ** 2, dim=1, keepdim=True) * G / (G - 1))
+    z = ((grouped - mean) / (std + 1e-4)).view(-1, 3)
+    summed = (z * trainer.reward_weights).nansum(dim=1)
+    expected = (summed - summed.mean()) / (summed.std() + 1e-4)
+    weights = torch.tensor([0.5 if row["task"] == CAPTION_TO_MASK else 1.0 for row in batch])
+    torch.testing.assert_close(output["advantages"], expected * weights, rtol=1e-4, atol=1e-5)
+    # length_reward alone is ~100x hash_reward's scale; summed first it would decide the sign of most advantages
+    assert per_func[:, 1].nan_to_num().abs().max() > 10 * per_func[:, 0].nan_to_num().abs().max()
+
+
 def test_rank_advantage_mode(tmp_path):
     trainer = make_trainer(tmp_path, advantage_mode="rank")
     trainer.ema.attach(trainer.model)
