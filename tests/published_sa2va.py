@@ -15,6 +15,7 @@ called (only `predict_forward` / `preparing_for_generation` use them, and neithe
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -184,30 +185,28 @@ def use_tiny_published_loaders(patch: pytest.MonkeyPatch) -> None:
     from sa2va_trl import grpo
     from sa2va_trl.models import remote
 
-    load_published = remote.load_published_sa2va
     load_for_training = grpo.load_published_model_and_tokenizer
-
-    def load_tiny(path, *args, **kwargs):
-        _, _, sam2_module = official_classes(Path(path))
-        with stand_ins_installed(), pytest.MonkeyPatch.context() as inner:
-            use_small_image_encoder(inner, sam2_module)
-            return load_published(path, *args, **kwargs)
 
     def load_tiny_for_training(model_args):
         model, tokenizer = load_for_training(model_args)
         favour_seg_and_eos(model.language_model, tokenizer)
         return model, tokenizer
 
-    patch.setattr(remote, "load_published_sa2va", load_tiny)
+    patch.setattr(remote, "load_published_sa2va", functools.partial(_with_tiny_code, remote.load_published_sa2va))
     patch.setattr(grpo, "load_published_model_and_tokenizer", load_tiny_for_training)
 
 
-def load_tiny_published_checkpoint(path: Path):
-    """`load_published_sa2va(path)` of a tiny checkpoint: its code (a new dynamic module per directory) builds the
-    small SAM2 image encoder, and the torchvision / timm stand-ins are in place while it is imported."""
-    from sa2va_trl.models.remote import load_published_sa2va
-
+def _with_tiny_code(load, path, *args, **kwargs):
+    """`load(path, ...)` of a tiny checkpoint: its code (a new dynamic module per directory) builds the small SAM2
+    image encoder, and the torchvision / timm stand-ins are in place while it is imported."""
     _, _, sam2_module = official_classes(Path(path))
     with stand_ins_installed(), pytest.MonkeyPatch.context() as patch:
         use_small_image_encoder(patch, sam2_module)
-        return load_published_sa2va(path)
+        return load(path, *args, **kwargs)
+
+
+def load_tiny_published_checkpoint(path: Path):
+    """`load_published_sa2va(path)` of a tiny checkpoint (see `_with_tiny_code`)."""
+    from sa2va_trl.models.remote import load_published_sa2va
+
+    return _with_tiny_code(load_published_sa2va, path)
