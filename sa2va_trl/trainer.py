@@ -614,7 +614,9 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         the language model once per loop, a reentrant backward fires a parameter's gradient hook once per run, and
         ZeRO-3 asserts that each bucket reduces a parameter once (deepspeedai/DeepSpeed#988), at the first step that
         holds both loops. Measured with 2 CPU processes: reentrant fails there, non-reentrant trains and matches a
-        single-process run (tests/test_trainer_remote_distributed.py)."""
+        single-process run (tests/test_trainer_distributed.py, and on the published code
+        tests/test_trainer_remote_distributed.py). Running both loops through one language-model call would remove
+        the cause; the training forward keeps one call per loop for now."""
         args = self.args
         if not (self.zero3 and args.activation_checkpointing):
             return
