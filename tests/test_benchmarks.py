@@ -244,3 +244,38 @@ def test_mask_iou_headroom_main_labels_each_predictions_file(tmp_path):
     assert result["warm"]["regions"] == 2  # the unscored region is left out
     assert result["warm"]["buckets"]["0.00-0.50"] == 1 and result["warm"]["buckets"]["0.95-1.00"] == 1
     assert json.loads((tmp_path / "out.json").read_text()) == result
+
+
+def test_cycle_reward_sensitivity_classes_and_isolated_gaps():
+    from cycle_reward_sensitivity import attribute_gaps, error_class
+
+    from sa2va_trl.data.synthetic import parse_caption
+
+    ref = parse_caption("a small red circle in the top left")
+    exact = parse_caption("the little red circle at the upper left")
+    wrong_shape = parse_caption("a small red square in the top left")
+    wrong_both = parse_caption("a small red square in the center")
+    assert error_class(ref, exact) == "exact" and error_class(ref, None) == "unparsed"
+    assert error_class(ref, wrong_shape) == "shape wrong, position right"
+    assert error_class(ref, wrong_both) == "position wrong"
+    # One group: two exact samples, one wrong on the shape alone, one wrong on shape and position.
+    group = [(ref, exact, 0.9, 0.6), (ref, exact, 0.7, 0.8), (ref, wrong_shape, 0.8, 0.4), (ref, wrong_both, 0.0, 0.2)]
+    gaps = attribute_gaps([group, [(ref, exact, 0.9, 0.6)] * 4], meteor_weight=0.5)
+    assert gaps["shape"]["mixed_groups"] == 0.5 and gaps["shape"]["compared_groups"] == 1
+    assert gaps["shape"]["cycle_iou_gap"] == pytest.approx(0.8 - 0.8)  # the both-wrong sample is not compared
+    assert gaps["shape"]["reward_gap"] == pytest.approx((0.8 + 0.5 * 0.7) - (0.8 + 0.5 * 0.4))
+    assert gaps["position"]["mixed_groups"] == 0.5 and gaps["position"]["compared_groups"] == 0
+    assert gaps["position"]["reward_gap"] is None and gaps["colour"]["mixed_groups"] == 0.0
+
+
+@pytest.mark.slow
+def test_cycle_reward_sensitivity_smallest(tmp_path):
+    from cycle_reward_sensitivity import main
+
+    result = main(["--images", "3", "--num-generations", "2", "--output", str(tmp_path / "c.json")])
+    assert json.loads((tmp_path / "c.json").read_text()) == result
+    assert sum(c["share"] for c in result["samples_by_error"].values()) == pytest.approx(1.0)
+    assert all(0.0 <= c["cycle_iou"] <= 1.0 for c in result["samples_by_error"].values())
+    assert set(result["attributes"]) == {"position", "shape", "colour", "size"}
+    share = result["position_wrong_names_another_region"]
+    assert share is None or 0.0 <= share <= 1.0
