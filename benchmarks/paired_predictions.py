@@ -4,8 +4,9 @@ Both files are `python -m sa2va_trl.evaluate --predictions FILE` outputs on the 
 reports caption exact match and each attribute as (fixed, broken, p) against the baseline, and for IoU how many
 regions went up and down (sign test) and the mean change on multi-shape images. When both files hold the
 `caption_likelihood` task's log-probs, it also reports the mean change in the probability of the reference caption
-(and of each attribute's words) with a paired test over images: regions of one image are not independent, so each
-image's mean change is one observation (z = mean / standard error, normal two-sided p).
+(and of each attribute's words). Regions of one image are not independent (they share its errors), so exact match,
+attributes and probabilities are also tested with images as the unit: each image's mean change is one observation
+(z = mean / standard error, normal two-sided p).
 
     python benchmarks/paired_predictions.py warm.pred.jsonl run_seed0.pred.jsonl run_seed1.pred.jsonl
 """
@@ -41,12 +42,13 @@ def _attributes(text: str | None) -> dict | None:
     return None if parsed is None else asdict(parsed)
 
 
-def _paired(base: list[bool], new: list[bool]) -> dict:
+def _paired(base: list[bool], new: list[bool], images: list[str]) -> dict:
     fixed = sum(1 for b, m in zip(base, new) if m and not b)
     broken = sum(1 for b, m in zip(base, new) if b and not m)
     n = max(1, len(new))
+    clustered = _clustered_change([(image, float(b), float(m)) for image, b, m in zip(images, base, new)])
     return {"rate": sum(new) / n, "baseline_rate": sum(base) / n, "fixed": fixed, "broken": broken,
-            "p": exact_binomial_p(fixed, broken)}
+            "p": exact_binomial_p(fixed, broken), "image_z": clustered["z"], "image_p": clustered["p"]}
 
 
 def compare(baseline: dict[tuple, dict], model: dict[tuple, dict]) -> dict:
@@ -58,11 +60,12 @@ def compare(baseline: dict[tuple, dict], model: dict[tuple, dict]) -> dict:
         refs = [_attributes(baseline[k]["caption"]) for k in keys]
         base = [_attributes(baseline[k]["pred_caption"]) for k in keys]
         new = [_attributes(model[k]["pred_caption"]) for k in keys]
-        out["exact_match"] = _paired([b == r for b, r in zip(base, refs)], [m == r for m, r in zip(new, refs)])
+        images = [k[0] for k in keys]
+        out["exact_match"] = _paired([b == r for b, r in zip(base, refs)], [m == r for m, r in zip(new, refs)], images)
         if all(r is not None for r in refs):  # the shapes world: per attribute
             for name in ATTRIBUTES:
                 out[name] = _paired([(b or {}).get(name) == r[name] for b, r in zip(base, refs)],
-                                    [(m or {}).get(name) == r[name] for m, r in zip(new, refs)])
+                                    [(m or {}).get(name) == r[name] for m, r in zip(new, refs)], images)
     scored = sorted(k for k in set(baseline) & set(model)
                     if baseline[k].get("iou") is not None and model[k].get("iou") is not None)
     if scored:
@@ -92,16 +95,25 @@ def _paired_probability(rows: list[tuple[str, float, float]]) -> dict:
     Args:
         rows: (image id, baseline log-prob, model log-prob) per region.
     """
+    return _clustered_change([(image, math.exp(before), math.exp(after)) for image, before, after in rows])
+
+
+def _clustered_change(rows: list[tuple[str, float, float]]) -> dict:
+    """Mean value before / after and a paired z-test of the change with images as the unit: regions of one image
+    share its errors, so each image's mean change is one observation (z = mean / standard error, normal p).
+
+    Args:
+        rows: (image id, baseline value, model value) per region.
+    """
     by_image: dict[str, list[float]] = {}
     for image, before, after in rows:
-        by_image.setdefault(image, []).append(math.exp(after) - math.exp(before))
+        by_image.setdefault(image, []).append(after - before)
     means = [sum(d) / len(d) for d in by_image.values()]
     n = len(means)
     mean = sum(means) / n
     var = sum((m - mean) ** 2 for m in means) / (n - 1) if n > 1 else 0.0
     z = mean / math.sqrt(var / n) if var > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
-    return {"mean": sum(math.exp(r[2]) for r in rows) / len(rows),
-            "baseline_mean": sum(math.exp(r[1]) for r in rows) / len(rows),
+    return {"mean": sum(r[2] for r in rows) / len(rows), "baseline_mean": sum(r[1] for r in rows) / len(rows),
             "images": n, "z": z, "p": math.erfc(abs(z) / math.sqrt(2))}
 
 
@@ -110,7 +122,8 @@ def format_comparison(name: str, result: dict) -> str:
     for key in ("exact_match", *ATTRIBUTES):
         if key in result:
             r = result[key]
-            parts.append(f"{key} {r['rate']:.3f} vs {r['baseline_rate']:.3f} (+{r['fixed']}/-{r['broken']} p={r['p']:.3g})")
+            parts.append(f"{key} {r['rate']:.3f} vs {r['baseline_rate']:.3f} (+{r['fixed']}/-{r['broken']} "
+                         f"p={r['p']:.3g}; over images z={r['image_z']:+.1f} p={r['image_p']:.2g})")
     if "iou" in result:
         r = result["iou"]
         parts.append(f"IoU {r['mean']:.4f} vs {r['baseline_mean']:.4f} (up {r['up']} down {r['down']} p={r['p']:.3g}; "

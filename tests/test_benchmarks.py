@@ -192,6 +192,25 @@ def test_paired_predictions_counts_fixed_and_broken_regions(tmp_path):
     assert (result["shape"]["fixed"], result["shape"]["broken"]) == (0, 1)
     assert (result["iou"]["up"], result["iou"]["down"]) == (2, 0)
     assert abs(result["iou"]["multi_shape_mean_change"] - (0.0 + 0.3 + 0.1) / 3) < 1e-9
+    assert result["exact_match"]["image_z"] == 0.0 and result["exact_match"]["image_p"] == 1.0  # one image: 0 change
+
+
+def test_paired_predictions_tests_exact_match_over_images():
+    from paired_predictions import compare, format_comparison
+
+    ref, wrong = "a small red circle in the top left", "a small red circle in the center"
+    def line(image, i, pred):
+        return {"source_id": image, "region_index": i, "num_regions": 2, "caption": ref, "pred_caption": pred}
+
+    # exact-match change per region: image a +1, +1 (mean 1); image b +1, 0 (0.5); image c 0 -> image means 1, .5, 0
+    base = [line("a", 0, wrong), line("a", 1, wrong), line("b", 0, wrong), line("b", 1, ref), line("c", 0, ref)]
+    new = [line("a", 0, ref), line("a", 1, ref), line("b", 0, ref), line("b", 1, ref), line("c", 0, ref)]
+    key = lambda rows: {(r["source_id"], r["region_index"]): r for r in rows}
+    r = compare(key(base), key(new))["exact_match"]
+    assert (r["fixed"], r["broken"]) == (3, 0)
+    assert r["image_z"] == pytest.approx(0.5 / math.sqrt(0.25 / 3))  # image means 1, 0.5, 0: sd 0.5
+    assert r["image_p"] == pytest.approx(math.erfc(r["image_z"] / math.sqrt(2)))
+    assert "over images z=+1.7" in format_comparison("run", compare(key(base), key(new)))
 
 
 def test_paired_predictions_tests_caption_likelihood_over_images(tmp_path):
