@@ -18,6 +18,7 @@ checkpointing stay TRL's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -1087,7 +1088,8 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         divided by the dimension D, without its constant, which cancels in every ratio and KL) at their first
         `[SEG]` token.
 
-        One adapter forward per loop present in the samples, in `LOOPS` order. Under DeepSpeed with several processes
+        In chunks of `batch_size` samples when TRL passes one (its old and reference log-probs), and per chunk one
+        adapter forward per loop present in the samples, in `LOOPS` order. Under DeepSpeed with several processes
         (`uniform_forward`) every rank must call the same modules in the same order and give gradients to the same
         parameters (ZeRO-3 gathers each module's parameters as it runs; every stage reduces gradients in buckets
         that must match across ranks): a rank whose samples lack a loop of the training set runs that loop's
@@ -1106,42 +1108,55 @@ class Sa2VAGRPOTrainer(CheckpointingMixin, GRPOTrainer):
         completion_ids = input_ids[:, -logits_to_keep:]
         completion_mask = attention_mask[:, -logits_to_keep:]
         context = self.ema_weights() if isinstance(model, _EMAReference) else contextlib.nullcontext()
-
-        def compute():
-            logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-            entropies = torch.zeros_like(logps) if compute_entropy else None
-            for task in LOOPS:
-                loop = generation.loops.get(task)
-                rows = [r for r, p in enumerate(positions) if generation.tasks[p] == task]
-                if not rows:
-                    if self.uniform_forward and task in self._forward_loops:
-                        logps = logps + self._placeholder_forward(task, generation, positions, completion_ids,
-                                                                  completion_mask, compute_entropy)
-                    continue
-                index_of = {p: j for j, p in enumerate(loop.positions)}
-                local = [index_of[positions[r]] for r in rows]
-                action = task == CAPTION_TO_MASK and (loop.seg_action is not None or loop.pixel_action is not None)
-                out = self.policy.completion_logprobs(
-                    loop.batch.select(local).to(completion_ids.device),
-                    completion_ids[rows],
-                    completion_mask[rows],
-                    temperature=self.temperature,
-                    with_entropy=compute_entropy,
-                    with_seg_hidden=action,
-                )
-                task_logps = out.logprobs.float()
-                if action:
-                    task_logps = self._add_mask_action_logdensity(task_logps, out, loop, local, completion_ids[rows])
-                index = torch.tensor(rows, device=logps.device)
-                logps = logps.index_put((index,), task_logps)
-                if compute_entropy:
-                    entropies = entropies.index_put((index,), out.entropies.float())
-            return logps, entropies
-
+        # TRL's chunking: the old / reference log-probs of a whole generation batch come `batch_size` rows at a time,
+        # so the peak (logits of rows x completion length x vocabulary) stays that of one micro-batch.
+        size = batch_size or len(positions)
+        chunks = []
         with context:
-            logps, entropies = forward_through_wrapper(model, compute)
+            for start in range(0, len(positions), size):
+                rows = slice(start, start + size)
+                chunks.append(forward_through_wrapper(model, functools.partial(
+                    self._loop_logprobs, generation, positions[rows], completion_ids[rows], completion_mask[rows],
+                    compute_entropy)))
+        logps = torch.cat([c[0] for c in chunks])
+        entropies = torch.cat([c[1] for c in chunks]) if compute_entropy else None
         aux_loss = torch.zeros((), device=logps.device) if compute_aux_loss else None
         return logps, entropies, aux_loss
+
+    def _loop_logprobs(self, generation: _Generation, positions: list[int], completion_ids, completion_mask,
+                       compute_entropy: bool):
+        """The log-probs (and entropies) of the samples at `positions`: one adapter forward per loop they hold, in
+        `LOOPS` order, and a placeholder forward for a loop of the training set they lack when every rank must run
+        the same modules (`_get_per_token_logps_and_entropies`)."""
+        logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+        entropies = torch.zeros_like(logps) if compute_entropy else None
+        for task in LOOPS:
+            loop = generation.loops.get(task)
+            rows = [r for r, p in enumerate(positions) if generation.tasks[p] == task]
+            if not rows:
+                if self.uniform_forward and task in self._forward_loops:
+                    logps = logps + self._placeholder_forward(task, generation, positions, completion_ids,
+                                                              completion_mask, compute_entropy)
+                continue
+            index_of = {p: j for j, p in enumerate(loop.positions)}
+            local = [index_of[positions[r]] for r in rows]
+            action = task == CAPTION_TO_MASK and (loop.seg_action is not None or loop.pixel_action is not None)
+            out = self.policy.completion_logprobs(
+                loop.batch.select(local).to(completion_ids.device),
+                completion_ids[rows],
+                completion_mask[rows],
+                temperature=self.temperature,
+                with_entropy=compute_entropy,
+                with_seg_hidden=action,
+            )
+            task_logps = out.logprobs.float()
+            if action:
+                task_logps = self._add_mask_action_logdensity(task_logps, out, loop, local, completion_ids[rows])
+            index = torch.tensor(rows, device=logps.device)
+            logps = logps.index_put((index,), task_logps)
+            if compute_entropy:
+                entropies = entropies.index_put((index,), out.entropies.float())
+        return logps, entropies
 
     def _placeholder_forward(self, task: str, generation: _Generation, positions: list[int], completion_ids,
                              completion_mask, compute_entropy: bool) -> torch.Tensor:

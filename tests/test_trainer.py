@@ -124,6 +124,28 @@ def test_sampling_logprobs_equal_training_logprobs_in_shuffled_order(tmp_path):
     assert entropies.shape == logps.shape and (entropies[mask[order]] > 0).all()
 
 
+def test_old_and_reference_logprobs_come_in_chunks_of_trls_batch_size(tmp_path):
+    """TRL passes `batch_size` for the old / reference log-probs of a whole generation batch: the rows then go through
+    the model that many at a time (smaller peak), with the same log-probs as one pass, mask action included."""
+    trainer = make_trainer(tmp_path, mask_action=True)
+    trainer.ema.attach(trainer.model)
+    output = trainer._generate_and_score_completions(generation_batch(trainer))
+    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+    attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+    steps = output["completion_ids"].shape[1]
+    calls = []
+    original = trainer.policy.completion_logprobs
+    trainer.policy.completion_logprobs = lambda batch, *a, **k: calls.append(len(batch)) or original(batch, *a, **k)
+    with torch.no_grad():
+        whole, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention, steps)
+        whole_calls, calls[:] = list(calls), []
+        chunked, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention, steps,
+                                                                   batch_size=3)
+    assert sum(whole_calls) == sum(calls) == input_ids.shape[0] and max(calls) <= 3 < max(whole_calls)
+    mask = output["completion_mask"].bool()
+    torch.testing.assert_close(chunked[mask], whole[mask], atol=1e-5, rtol=1e-5)
+
+
 def test_scale_rewards_none_and_loop_weights_shape_advantages(tmp_path):
     trainer = make_trainer(tmp_path, scale_rewards="none", caption_to_mask_weight=0.5)
     trainer.ema.attach(trainer.model)

@@ -22,6 +22,7 @@ The DDP helper test at the end spawns its own two gloo processes (the redirect t
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -243,6 +244,19 @@ def test_zero3_run_resumed_from_its_checkpoint_ends_identical_with_its_ema(tmp_p
     for name, value in Sa2VAModel.from_pretrained(str(zero3_dir / "ema_model")).named_parameters():
         torch.testing.assert_close(ema[name], value, rtol=0, atol=0)
     assert resumed["reverse_is_ema"] and resumed["live_restored"]
+
+
+def test_zero3_reference_logprobs_in_chunks_keep_the_ranks_in_step(tmp_path):
+    """Two micro-batches per generation: TRL asks for each rank's reference log-probs (24 rows) in chunks of 12, and
+    every chunk must call the same modules on both ranks (a chunk holding one loop runs the other's placeholder)."""
+    launch("cpu_zero3_partitioned.yaml", str(SCRIPT), str(tmp_path), "--steps_per_generation", "2",
+           "--gradient_accumulation_steps", "2")
+    r0, r1 = reports(tmp_path)
+    assert r0["zero3"] and r0["weight_sum"] == r1["weight_sum"]
+    assert any(rows > size for rows, size in r0["no_grad_logprob_calls"] if size)  # chunked
+    steps = train_logs(r0["log_history"])
+    assert [e["step"] for e in steps] == [1, 2, 3] and all(math.isfinite(e["loss"]) for e in steps)
+    assert steps[0]["grad_norm"] > 0
 
 
 # --- ZeRO-3 with LoRA and activation checkpointing (recipes/cycle.yaml's settings) ------------------------------------
