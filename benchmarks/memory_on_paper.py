@@ -15,6 +15,9 @@ reference, so no second model copy is held. Activations, the generation KV cache
 buffers come on top and depend on G, batch and sequence length; the KV column gives the cache of
 one generation batch as a guide. Under ZeRO-3, generation gathers the full bf16 model
 (`ds3_gather_for_generation`, TRL's default), a transient 2 * P_all on every GPU: the last column.
+Each log-prob forward (training, old and reference log-probs) holds its completion logits: rows x (completion
+length + 1) x vocabulary, in bf16 and twice in fp32 for the tempered log-softmax (~10 bytes per element,
+`logits_chunk_GiB`); the trainer takes TRL's `batch_size` rows at a time (8 in recipes/cycle.yaml, 97 steps).
 
     python benchmarks/memory_on_paper.py [--gpus 8] [--json benchmarks/results/memory_on_paper.json]
 """
@@ -107,6 +110,11 @@ def model_counts(llm: LLMShape) -> dict[str, int]:
     }
 
 
+# One log-prob chunk of recipes/cycle.yaml: per_device_train_batch_size rows, max_completion_length 96; bf16 logits,
+# their fp32 copy divided by the temperature and logsumexp's fp32 exp (2 + 4 + 4 bytes per element).
+CHUNK_ROWS, MAX_COMPLETION, LOGIT_BYTES = 8, 96, 10
+
+
 def per_gpu_gib(p_all: int, p_train: int, gpus: int, stage: int) -> float:
     if stage == 2:
         total = 2 * p_all + (2 + 12) * p_train / gpus + 4 * p_train
@@ -129,6 +137,7 @@ def table(gpus: int) -> list[dict]:
         }
         # One generation batch per GPU: 8 sequences (G = 8) of ~1,400 tokens (1 tile + text).
         kv = llm.kv_cache_bytes(sequences=8, tokens=1400) / GIB
+        logits = LOGIT_BYTES * CHUNK_ROWS * (MAX_COMPLETION + 1) * llm.vocab / GIB
         for mode, p_train in trainable.items():
             for stage in (2, 3):
                 rows.append(
@@ -140,6 +149,7 @@ def table(gpus: int) -> list[dict]:
                         "params_trainable_B": round(p_train / 1e9, 3),
                         "model_states_GiB_per_gpu": round(per_gpu_gib(p_all, p_train, gpus, stage), 1),
                         "kv_cache_G8_GiB": round(kv, 2),
+                        "logits_chunk_GiB": round(logits, 2),
                         "zero3_generation_gather_GiB": round(2 * p_all / GIB, 1) if stage == 3 else 0.0,
                     }
                 )
@@ -152,13 +162,15 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/memory_on_paper.json")
     args = parser.parse_args()
     rows = table(args.gpus)
-    header = f"{'model':9} {'train':5} {'ZeRO':4} {'P_all (B)':>9} {'P_train (B)':>11} {'GiB/GPU':>8} {'KV G=8':>7} {'Z3 gather':>9}"
+    header = (f"{'model':9} {'train':5} {'ZeRO':4} {'P_all (B)':>9} {'P_train (B)':>11} {'GiB/GPU':>8} {'KV G=8':>7} "
+              f"{'Z3 gather':>9} {'logits':>7}")
     print(f"Model states per GPU, {args.gpus} GPUs, bf16 + AdamW + fp32 EMA (on paper)")
     print(header)
     for r in rows:
         print(
             f"{r['model']:9} {r['training']:5} {r['zero']:4} {r['params_total_B']:9.3f} "
-            f"{r['params_trainable_B']:11.3f} {r['model_states_GiB_per_gpu']:8.1f} {r['kv_cache_G8_GiB']:7.2f} {r['zero3_generation_gather_GiB']:9.1f}"
+            f"{r['params_trainable_B']:11.3f} {r['model_states_GiB_per_gpu']:8.1f} {r['kv_cache_G8_GiB']:7.2f} "
+            f"{r['zero3_generation_gather_GiB']:9.1f} {r['logits_chunk_GiB']:7.2f}"
         )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
