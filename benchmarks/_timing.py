@@ -1,6 +1,7 @@
 """Shared helpers of the benchmarks: a wall-clock `Timer` that wraps named methods of live objects, and statistics.
 
-Used by benchmarks/step_breakdown.py, vs_trl.py and scaling.py (not a script; nothing to run here).
+Used by benchmarks/step_breakdown.py, vs_trl.py, scaling.py and (`write_results`) evaluate_sharing.py and
+cycle_reward_sensitivity.py (not a script; nothing to run here).
 
 `Timer.wrap(obj, "method", part)` replaces ``obj.method`` on that one instance by a wrapper that calls the
 original unchanged and adds its wall time to ``part``. Nested timed calls are *exclusive*: the time of an inner

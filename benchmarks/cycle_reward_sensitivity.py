@@ -23,8 +23,6 @@ shape word segments the right region: its cycle IoU gap is ~0 and only METEOR te
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -34,6 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import write_results  # noqa: E402
 
 from sa2va_trl.data.schema import decode_region_mask  # noqa: E402
 from sa2va_trl.data.synthetic import parse_caption, shapes_dataset  # noqa: E402
@@ -44,11 +45,16 @@ from sa2va_trl.rewards.meteor import meteor  # noqa: E402
 ATTRIBUTES = ("position", "shape", "colour", "size")
 
 
+def wrong_attributes(reference, sample) -> list[str]:
+    """The attributes a parsed sample names differently from the reference, in `ATTRIBUTES` order."""
+    return [a for a in ATTRIBUTES if getattr(reference, a) != getattr(sample, a)]
+
+
 def error_class(reference, sample) -> str:
     """What a sampled caption got wrong, position first (a wrong position names another region or none)."""
     if sample is None:
         return "unparsed"
-    wrong = [a for a in ATTRIBUTES if getattr(reference, a) != getattr(sample, a)]
+    wrong = wrong_attributes(reference, sample)
     if not wrong:
         return "exact"
     if "position" in wrong:
@@ -74,9 +80,9 @@ def attribute_gaps(groups: list[list[tuple]], meteor_weight: float) -> dict:
         for group in groups:
             values = {None if s is None else getattr(s, attribute) == getattr(ref, attribute) for ref, s, _, _ in group}
             mixed += len(values) > 1
-            exact = [x for x in group if error_class(x[0], x[1]) == "exact"]
-            alone = [x for x in group if x[1] is not None and
-                     [a for a in ATTRIBUTES if getattr(x[1], a) != getattr(x[0], a)] == [attribute]]
+            wrong = [None if s is None else wrong_attributes(ref, s) for ref, s, _, _ in group]
+            exact = [x for x, w in zip(group, wrong) if w == []]
+            alone = [x for x, w in zip(group, wrong) if w == [attribute]]
             if exact and alone:
                 gaps.append(mean(exact, meteor_weight) - mean(alone, meteor_weight))
                 iou_gaps.append(mean(exact, 0.0) - mean(alone, 0.0))
@@ -157,9 +163,7 @@ def main(argv=None) -> dict:
         print(f"  {attribute:10s} {a['mixed_groups']:12.3f} {a['compared_groups']:20d} groups "
               f"{fmt(a['reward_gap']):>7s} {fmt(a['cycle_iou_gap']):>9s}")
     if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+        write_results(figures, args.output)
     return figures
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import statistics
 import sys
 import time
@@ -27,6 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import write_results  # noqa: E402
 
 from sa2va_trl.data.synthetic import shapes_dataset  # noqa: E402
 from sa2va_trl.evaluate import evaluate_policy, load_policy  # noqa: E402
@@ -80,9 +81,7 @@ def main(argv=None) -> dict:
     print(f"  one pass per call:   {figures['per_call_seconds']:.2f} s, {passes[False]} vision-tower images")
     print(f"  speed-up {figures['speedup']:.2f}x; identical predictions: {figures['identical_predictions']}")
     if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+        write_results(figures, args.output)
     return figures
 
 
