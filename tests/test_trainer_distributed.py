@@ -22,7 +22,6 @@ The DDP helper test at the end spawns its own two gloo processes (the redirect t
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -246,17 +245,61 @@ def test_zero3_run_resumed_from_its_checkpoint_ends_identical_with_its_ema(tmp_p
     assert resumed["reverse_is_ema"] and resumed["live_restored"]
 
 
-def test_zero3_reference_logprobs_in_chunks_keep_the_ranks_in_step(tmp_path):
-    """Two micro-batches per generation: TRL asks for each rank's reference log-probs (24 rows) in chunks of 12, and
-    every chunk must call the same modules on both ranks (a chunk holding one loop runs the other's placeholder)."""
-    launch("cpu_zero3_partitioned.yaml", str(SCRIPT), str(tmp_path), "--steps_per_generation", "2",
-           "--gradient_accumulation_steps", "2")
+# --- two micro-batches per generation: chunked old / reference log-probs, gradient accumulation -------------------
+
+TWO_MICRO_BATCHES = ["--steps_per_generation", "2", "--gradient_accumulation_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def accumulation_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_accumulation")
+    trainer = grpo_run.run(str(out), "--per_device_train_batch_size", str(GLOBAL_BATCH), "--use_cpu", "true",
+                           *TWO_MICRO_BATCHES)
+    return {**grpo_run.report(trainer, str(out)), "output_dir": str(out)}
+
+
+@pytest.fixture(scope="module")
+def zero3_accumulation_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3_accumulation")
+    launch("cpu_zero3_partitioned.yaml", str(SCRIPT), str(out), *TWO_MICRO_BATCHES)
+    return out
+
+
+def assert_chunked_with_a_one_loop_chunk(r0: dict, r1: dict) -> None:
+    """TRL asked for each rank's reference log-probs (24 rows) in chunks of 12 (which the trainer honours:
+    tests/test_trainer.py), and some chunk lacked a loop, so that rank ran the loop's placeholder in step."""
+    assert any(len(call) > 1 for call in r0["no_grad_logprob_chunks"])
+    chunks = [chunk for call in r0["no_grad_logprob_chunks"] + r1["no_grad_logprob_chunks"] for chunk in call]
+    assert any(len(loops) == 1 for loops in chunks)
+
+
+def test_zero2_accumulating_two_micro_batches_trains_like_a_single_process_run(tmp_path, accumulation_reference):
+    launch("cpu_zero2.yaml", str(SCRIPT), str(tmp_path), *TWO_MICRO_BATCHES)
     r0, r1 = reports(tmp_path)
-    assert r0["zero3"] and r0["weight_sum"] == r1["weight_sum"]
-    assert any(rows > size for rows, size in r0["no_grad_logprob_calls"] if size)  # chunked
-    steps = train_logs(r0["log_history"])
-    assert [e["step"] for e in steps] == [1, 2, 3] and all(math.isfinite(e["loss"]) for e in steps)
-    assert steps[0]["grad_norm"] > 0
+    assert r0["zero_stage"] == 2
+    assert_chunked_with_a_one_loop_chunk(r0, r1)
+    assert_steps_match(r0["log_history"], accumulation_reference)
+    assert_weights_match(tmp_path, accumulation_reference)
+
+
+def test_zero3_accumulating_two_micro_batches_scores_the_same_samples(zero3_accumulation_dir, accumulation_reference):
+    r0, r1 = reports(zero3_accumulation_dir)
+    assert r0["zero3"]
+    assert_chunked_with_a_one_loop_chunk(r0, r1)  # and no rank hung in a chunk's collective gathers
+    steps, expected = train_logs(r0["log_history"]), train_logs(accumulation_reference["log_history"])
+    assert [e["step"] for e in steps] == [e["step"] for e in expected] == [1, 2, 3]
+    # Step 1 starts from the same weights: the same samples, rewards and loss (later steps follow the update below).
+    assert all(steps[0].get(key) == expected[0].get(key) for key in EXACT_KEYS)
+    assert abs(steps[0]["loss"] - expected[0]["loss"]) <= LOSS_ATOL
+
+
+@pytest.mark.xfail(strict=True, reason="open: under ZeRO-3 with gradient accumulation the update differs from the "
+                   "single-process run (step-1 grad norm 0.328 vs 0.476; DDP and ZeRO-2 match); not caused by the "
+                   "chunking (the same figures before it)")
+def test_zero3_accumulating_two_micro_batches_trains_like_a_single_process_run(zero3_accumulation_dir,
+                                                                               accumulation_reference):
+    assert_steps_match(reports(zero3_accumulation_dir)[0]["log_history"], accumulation_reference)
+    assert_weights_match(zero3_accumulation_dir, accumulation_reference)
 
 
 # --- ZeRO-3 with LoRA and activation checkpointing (recipes/cycle.yaml's settings) ------------------------------------

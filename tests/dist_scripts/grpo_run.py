@@ -45,8 +45,8 @@ EVAL_FLAGS = ["--eval_strategy", "steps", "--eval_steps", str(STEPS)]
 
 # (step, loops of the samples) of every training forward of this process
 FORWARD_LOOPS: list[tuple[int, list[str]]] = []
-# (rows, batch_size) of every no-grad log-prob call (TRL's old / reference log-probs) of this process
-NO_GRAD_CALLS: list[tuple[int, int | None]] = []
+# Every no-grad log-prob call (TRL's old / reference log-probs) of this process: the loops of each chunk of its rows
+NO_GRAD_CHUNKS: list[list[list[str]]] = []
 
 
 def _record_forward_loops() -> None:
@@ -61,7 +61,9 @@ def _record_forward_loops() -> None:
             tasks = {self._generation.tasks[int(p)] for p in self._active_samples.tolist()}
             FORWARD_LOOPS.append((self.state.global_step + 1, sorted(tasks)))
         elif not torch.is_grad_enabled():
-            NO_GRAD_CALLS.append((int(args[1].shape[0]), kwargs.get("batch_size")))
+            rows, size = int(args[1].shape[0]), kwargs.get("batch_size") or int(args[1].shape[0])
+            tasks = self._generation.tasks
+            NO_GRAD_CHUNKS.append([sorted(set(tasks[s:s + size])) for s in range(0, rows, size)])
         return original(self, *args, **kwargs)
 
     recording._recording = True
@@ -74,7 +76,7 @@ def run(output_dir: str, *extra: str):
 
     _record_forward_loops()
     FORWARD_LOOPS.clear()
-    NO_GRAD_CALLS.clear()
+    NO_GRAD_CHUNKS.clear()
     return main(*parse_args([*RECIPE_FLAGS, "--output_dir", output_dir, *extra]))
 
 
@@ -132,7 +134,7 @@ def report(trainer, output_dir: str) -> dict:
         "zero3": trainer.zero3,
         "log_history": trainer.state.log_history,
         "forward_loops": FORWARD_LOOPS,
-        "no_grad_logprob_calls": NO_GRAD_CALLS,
+        "no_grad_logprob_chunks": NO_GRAD_CHUNKS,
         "params": params,
         "weight_sum": sum(float(t.double().sum()) for t in gathered.values()),
         "param_group_lrs": sorted({float(g["lr"]) for g in trainer.optimizer.param_groups}),
